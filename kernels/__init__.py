@@ -1,0 +1,1 @@
+"""rotq.kernels: Triton kernels, each with a pure-PyTorch reference; see the kernels issue."""

@@ -1,0 +1,168 @@
+"""Hadamard matrices and the fast Hadamard transform used for rotations.
+
+Rotating activations and weights by an orthogonal Hadamard matrix spreads outliers
+evenly over all channels, so 4-bit quantization loses less (QuaRot, arXiv 2404.00456).
+Model widths are rarely powers of two (e.g. 576, 1536, 14336), so we build
+H_n = H_K (x) H_{2^m} with H_K from a Paley construction and H_{2^m} from Sylvester's,
+and apply it in O(n log n) with a butterfly plus a small K x K matmul.
+The matrices are generated here from the math, not copied from tables.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = ["is_hadamard_size", "hadamard_matrix", "random_hadamard_matrix", "apply_hadamard"]
+
+# Largest Paley factor K. A bigger K would make the "fast" transform a dense K x K matmul
+# (e.g. 11008 = 5504 * 2 with Paley I, q = 5503) and its construction check O(K^3).
+MAX_BASE_ORDER = 256
+
+
+def _is_prime(q: int) -> bool:
+    if q < 2:
+        return False
+    if q % 2 == 0:
+        return q == 2
+    return all(q % d for d in range(3, math.isqrt(q) + 1, 2))
+
+
+def _paley_kind(k: int) -> tuple[str, int] | None:
+    """How to build a base order k > 2: ("I", q) for q+1, ("II", q) for 2(q+1), else None."""
+    if k > MAX_BASE_ORDER:
+        return None
+    if k > 2 and _is_prime(k - 1) and (k - 1) % 4 == 3:
+        return ("I", k - 1)
+    if k > 2 and k % 2 == 0 and _is_prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+        return ("II", k // 2 - 1)
+    return None
+
+
+def _split(n: int) -> tuple[int, int] | None:
+    """n = K * 2^m with the smallest constructible K (1 or a Paley order); None if impossible."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    m = (n & -n).bit_length() - 1  # largest power of two dividing n
+    for mm in range(m, -1, -1):
+        k = n >> mm
+        if k == 1 or _paley_kind(k) is not None:
+            return k, 1 << mm
+    return None
+
+
+def _unsupported(n: object) -> ValueError:
+    ks = [k for k in range(3, MAX_BASE_ORDER + 1) if _paley_kind(k) is not None and k & (k - 1)]
+    return ValueError(
+        f"no Hadamard matrix of order {n}: supported sizes are n = K * 2^m (m >= 0) with K = 1 "
+        f"or a Paley order (q+1 for a prime q = 3 mod 4, 2(q+1) for a prime q = 1 mod 4), "
+        f"K <= {MAX_BASE_ORDER} and not a power of two, i.e. K in {ks}"
+    )
+
+
+def is_hadamard_size(n: int) -> bool:
+    """True if hadamard_matrix(n) can be built (n = K * 2^m, K = 1 or a Paley order)."""
+    return _split(n) is not None
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Qm[i, j] = chi((j - i) mod q) with chi the Legendre symbol mod prime q (chi(0) = 0)."""
+    chi = torch.full((q,), -1.0, dtype=torch.float64)
+    chi[0] = 0.0
+    chi[torch.tensor(sorted({(i * i) % q for i in range(1, q)}), dtype=torch.long)] = 1.0
+    idx = torch.arange(q)
+    return chi[(idx[None, :] - idx[:, None]) % q]
+
+
+def _paley(k: int) -> torch.Tensor:
+    """Paley I (order q+1) or Paley II (order 2(q+1)) Hadamard matrix, checked H H^T = k I."""
+    kind, q = _paley_kind(k)  # type: ignore[misc]
+    qm = _jacobsthal(q)
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[0, 1:] = 1.0
+    c[1:, 1:] = qm
+    if kind == "I":
+        c[1:, 0] = -1.0  # skew: S = [[0, 1^T], [-1, Qm]], H = I + S
+        h = torch.eye(q + 1, dtype=torch.float64) + c
+    else:
+        c[1:, 0] = 1.0  # symmetric conference matrix; 0 -> [[1,1],[1,-1]], +-1 -> +-[[1,-1],[-1,-1]]
+        zero_block = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        sign_block = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        h = torch.kron((c == 0).to(torch.float64), zero_block) + torch.kron(c, sign_block)
+    if not torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)):
+        raise RuntimeError(f"Paley construction of order {k} is not Hadamard (bug)")
+    return h
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@functools.lru_cache(maxsize=None)
+def _base(k: int) -> torch.Tensor:
+    """The K x K factor (float64, cached); kept small so the fast path can reuse it."""
+    return torch.ones(1, 1, dtype=torch.float64) if k == 1 else _paley(k)
+
+
+@functools.lru_cache(maxsize=16)
+def _build(n: int) -> torch.Tensor:
+    split = _split(n)
+    if split is None:
+        raise _unsupported(n)
+    k, p = split
+    return torch.kron(_base(k), _sylvester(p))
+
+
+def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
+    """A +-1 matrix [n, n] with H H^T = n I (a fresh copy; the float64 original is cached)."""
+    return _build(n).clone().to(dtype)
+
+
+def random_hadamard_matrix(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """Orthogonal diag(s) H_n / sqrt(n) with +-1 signs s from the seed: deterministic, and
+    randomised so different layers/runs can use different rotations (QuaRot's random Hadamard)."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.float64)
+    return (s[:, None] * _build(n) / math.sqrt(n)).to(dtype)
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """x @ H_{2^m} (Sylvester, unnormalised) along the last dim, one butterfly per bit."""
+    p = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < p:
+        y = x.reshape(*lead, p // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, p)
+        h *= 2
+    return x
+
+
+def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """x @ (H_n / sqrt(n)) along the last dim in O(n log n), in x's dtype.
+
+    If n < width and divides it, the rotation is block-diagonal over consecutive blocks of
+    size n (what each tensor-parallel shard can apply locally). With the length-n vector
+    viewed row-major as X[K, 2^m], x (A (x) B) = A^T X B: butterfly for B, K x K matmul for A
+    (A^T matters: Paley I matrices are not symmetric).
+    """
+    width = x.shape[-1]
+    n = width if n is None else n
+    split = _split(n)
+    if split is None:
+        raise _unsupported(n)
+    if width % n != 0:
+        raise ValueError(f"Hadamard size {n} does not divide the last dimension {width} of x")
+    k, p = split
+    lead = x.shape[:-1]
+    y = _fwht(x.reshape(*lead, width // n, k, p))
+    if k > 1:
+        a = _base(k).to(device=x.device, dtype=x.dtype)
+        y = torch.einsum("...ib,ia->...ab", y, a)
+    return (y * (1.0 / math.sqrt(n))).reshape(*lead, width)

@@ -1,0 +1,78 @@
+"""The online part of a scheme, simulated in PyTorch: per-token activation quantizers (with the
+R4 Hadamard before down_proj) on the inputs of the linears, and R3 plus the KV quantizer inside
+attention, after RoPE.
+
+Linear inputs are transformed by forward pre-hooks, so module names and state dicts stay
+Hugging Face's. Attention goes through an attention function registered with transformers as
+"rotq": it receives Q and K after RoPE (and the whole cache during generation, which it
+quantizes per token, so the result equals quantizing at write time).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from rotq.quant.arch import decoder_layers, layer_linears
+from rotq.quant.hadamard import apply_hadamard
+from rotq.quant.quantizer import fake_quantize_activation, fake_quantize_kv
+from rotq.quant.scheme import ActivationArgs, KVCacheArgs, Scheme
+
+ATTN_IMPLEMENTATION = "rotq"
+
+
+def rotq_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with R3 on Q and K [B, heads, M, D] and fake-quantized K and V."""
+    if getattr(module, "rotq_r3", False):
+        query, key = apply_hadamard(query), apply_hadamard(key)
+    kv: KVCacheArgs | None = getattr(module, "rotq_kv", None)
+    if kv is not None:
+        key, value = fake_quantize_kv(key, kv), fake_quantize_kv(value, kv)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, rotq_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+class InputTransform:
+    """Forward pre-hook of a linear: optional online Hadamard, then per-token fake quantization."""
+
+    def __init__(self, act: ActivationArgs | None, hadamard_size: int | None = None):
+        self.act, self.hadamard_size = act, hadamard_size
+
+    def __call__(self, module: nn.Module, inputs: tuple):
+        x = inputs[0]
+        if self.hadamard_size:
+            x = apply_hadamard(x, self.hadamard_size)
+        if self.act is not None:
+            x = fake_quantize_activation(x, self.act)
+        return (x, *inputs[1:])
+
+
+def install_online_ops(model: nn.Module, scheme: Scheme) -> None:
+    """Make ``model`` compute the scheme's online ops (idempotent: replaces earlier ones)."""
+    remove_online_ops(model)
+    for layer in decoder_layers(model):
+        for name, lin in layer_linears(layer).items():
+            had = lin.in_features if name == "mlp.down_proj" and scheme.rotation.r4 else None
+            if scheme.activations is not None or had:
+                lin._rotq_hook = lin.register_forward_pre_hook(InputTransform(scheme.activations, had))
+        attn = layer.self_attn
+        attn.rotq_r3, attn.rotq_kv = scheme.rotation.r3, scheme.kv_cache
+    if scheme.rotation.r3 or scheme.kv_cache is not None:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def remove_online_ops(model: nn.Module) -> None:
+    for layer in decoder_layers(model):
+        for lin in layer_linears(layer).values():
+            hook = getattr(lin, "_rotq_hook", None)
+            if hook is not None:
+                hook.remove()
+                del lin._rotq_hook
+        layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = False, None
+    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        model.set_attn_implementation("sdpa")

@@ -1,0 +1,157 @@
+"""Sequential, layer-by-layer calibration (notes/algorithms.md §3).
+
+Fuse norms and fold rotations, install the online ops (activation and KV quantizers, R3, R4),
+then for each decoder layer and each group of linears that share an input ("true sequential"):
+run the layer on the calibration inputs up to that group, accumulate H from the group's
+(rotated, fake-quantized) input, solve each linear and write back its quantized weight. The
+quantized layer's outputs become the next layer's inputs, so H carries all earlier error.
+Only the current layer sits on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
+from rotq.quant.gptq import GPTQOptions
+from rotq.quant.hessian import HessianHook, StopForward
+from rotq.quant.methods import NEEDS_DATA, check_method, solve
+from rotq.quant.online import install_online_ops
+from rotq.quant.rotation import apply_rotations, fuse_norms
+from rotq.quant.scheme import Scheme
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to calibrate (not part of the scheme: recorded for provenance only)."""
+
+    method: str = "gptq"
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    act_quant_calibration: bool = True  # H sees activations/KV quantized as at inference
+    batch_size: int = 8
+    device: str = "cpu"
+
+
+@dataclass
+class LinearReport:
+    name: str
+    seconds: float
+    weight_rel_err: float  # ||W - Q||^2 / ||W||^2
+    output_rel_err: float | None  # tr(dW H dW^T) / tr(W H W^T), when H was collected
+    solver_loss: float | None
+
+
+@dataclass
+class CalibrationReport:
+    method: str
+    nsamples: int
+    seqlen: int
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    linears: list[LinearReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prepare_model(model: nn.Module, scheme: Scheme) -> None:
+    """Fold norms and offline rotations (when the scheme rotates) and install the online ops."""
+    if scheme.rotation.kind != "none":
+        fuse_norms(model)
+        apply_rotations(model, scheme.rotation)
+    install_online_ops(model, scheme)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
+              cfg: CalibrationConfig = CalibrationConfig()) -> CalibrationReport:
+    """Quantize ``model`` in place (weights become their dequantized quantized values) and
+    leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN."""
+    check_method(cfg.method)
+    start = time.perf_counter()
+    n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
+    report = CalibrationReport(cfg.method, n, seqlen)
+    prepare_model(model, scheme)
+    if NEEDS_DATA[cfg.method]:
+        if calib_ids is None:
+            raise ValueError(f"method {cfg.method!r} needs calibration data")
+        if not cfg.act_quant_calibration:
+            install_online_ops(model, scheme.replace(activations=None, kv_cache=None))
+        _calibrate_sequential(model, scheme, calib_ids, cfg, report)
+        install_online_ops(model, scheme)
+    else:
+        layers = decoder_layers(model)
+        for i, layer in enumerate(tqdm(layers, desc=f"Quantizing ({cfg.method})", unit="layer")):
+            for name, lin in layer_linears(layer).items():
+                _solve_linear(f"model.layers.{i}.{name}", lin, None, scheme, cfg, report)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return report
+
+
+def _calibrate_sequential(model, scheme, calib_ids, cfg, report) -> None:
+    device = torch.device(cfg.device)
+    inps = _embed(model, calib_ids, cfg.batch_size, device)
+    position_ids = torch.arange(calib_ids.shape[1], device=device).unsqueeze(0)
+    rotary = model.model.rotary_emb.to(device)
+    position_embeddings = rotary(inps[:1], position_ids)
+    forward = dict(position_ids=position_ids, position_embeddings=position_embeddings,
+                   attention_mask=None, use_cache=False)
+    bar = tqdm(decoder_layers(model), desc=f"Calibrating ({cfg.method})", unit="layer")
+    for i, layer in enumerate(bar):
+        layer.to(device)
+        linears = layer_linears(layer)
+        for group in LINEAR_GROUPS:
+            hook = HessianHook(linears[group[0]].in_features)
+            handle = linears[group[0]].register_forward_pre_hook(hook)
+            try:
+                for batch in inps.split(cfg.batch_size):
+                    try:
+                        layer(batch, **forward)
+                    except StopForward:
+                        pass
+            finally:
+                handle.remove()
+            for name in group:
+                _solve_linear(f"model.layers.{i}.{name}", linears[name], hook.H, scheme, cfg, report)
+        for batch in inps.split(cfg.batch_size):  # in place: each batch depends only on itself
+            batch.copy_(_hidden(layer(batch, **forward)))
+        layer.to("cpu")
+        bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
+
+
+def _embed(model, calib_ids, batch_size, device) -> torch.Tensor:
+    emb = model.model.embed_tokens
+    return torch.cat([emb(b).to(device) for b in calib_ids.split(batch_size)])
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _solve_linear(name, lin: nn.Linear, H, scheme, cfg, report) -> None:
+    t0 = time.perf_counter()
+    W = lin.weight.data.float()
+    result = solve(cfg.method, W, None if H is None else H.to(W.device, torch.float32),
+                   scheme.weights, cfg.gptq)
+    dW = (W - result.Q).double()
+    w_err = float(dW.square().sum() / W.double().square().sum().clamp_min(1e-30))
+    out_err = None
+    if H is not None:
+        Hd = H.to(dW.device, torch.float64)
+        out_err = float((dW @ Hd * dW).sum() / (W.double() @ Hd * W.double()).sum().clamp_min(1e-30))
+    lin.weight.data = result.Q.to(lin.weight.dtype)
+    seconds = time.perf_counter() - t0
+    loss = None if result.loss != result.loss else result.loss  # NaN -> None (RTN)
+    report.linears.append(LinearReport(name, seconds, w_err, out_err, loss))
+    logger.info("%s: weight err %.3g, output err %s, %.2fs", name, w_err,
+                "n/a" if out_err is None else f"{out_err:.3g}", seconds)

@@ -1,0 +1,145 @@
+"""Reference integer quantizers: weights (per channel or group, MSE clip search), activations
+(dynamic per token) and KV cache (dynamic per token and head).
+
+Conventions (notes/algorithms.md §2, design.md): a b-bit symmetric weight scale is
+max|w| / (2^(b-1) - 0.5) on the grid [-2^(b-1), 2^(b-1) - 1] (compressed-tensors); symmetric
+activations use clip * max|x| / (2^(b-1) - 1) (QuaRot); asymmetric quantizers stretch the range
+[min(x, 0), max(x, 0)] (times the clip ratio) over 2^b levels with an integer zero point.
+Every function here is pure torch and runs in the input's dtype; kernels and serving reuse them
+as their reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rotq.quant.scheme import ActivationArgs, KVCacheArgs, WeightArgs
+
+CLIP_GRID = 100  # shrink factors 1 - k/100 ...
+CLIP_MAX_SHRINK = 0.8  # ... for k = 0 .. 79
+CLIP_NORM = 2.4  # the error norm of the clip search (GPTQ / QuaRot `mse=True`)
+
+
+@dataclass
+class Grid:
+    """Scale and zero point of one quantization grid per row; ``zero_point`` is None when
+    symmetric. Shapes [R, 1]."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x (as floats): signed when symmetric, unsigned otherwise."""
+        if self.zero_point is None:
+            half = 2 ** (self.bits - 1)
+            return torch.clamp(torch.round(x / self.scale), -half, half - 1)
+        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, 2**self.bits - 1)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        if self.zero_point is None:
+            return q * self.scale
+        return (q - self.zero_point) * self.scale
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x))
+
+
+def _range_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
+                sym_levels: float) -> Grid:
+    """Grid covering [xmin, xmax] (xmin <= 0 <= xmax), rows of shape [R, 1]."""
+    if symmetric:
+        scale = torch.maximum(-xmin, xmax) / sym_levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return Grid(scale, None, bits)
+    scale = (xmax - xmin) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return Grid(scale, torch.round(-xmin / scale), bits)
+
+
+def fit_weight_grid(W: torch.Tensor, args: WeightArgs) -> Grid:
+    """One grid per row of W [R, C] (per channel: the whole row; for groups pass a slice or
+    reshape rows into groups). With ``clip_search`` the range is shrunk per row by the factor
+    that minimises sum |Q(w) - w|^2.4."""
+    xmin = torch.clamp(W.min(dim=1, keepdim=True).values, max=0)
+    xmax = torch.clamp(W.max(dim=1, keepdim=True).values, min=0)
+    levels = 2 ** (args.bits - 1) - 0.5
+    best = _range_grid(xmin, xmax, args.bits, args.symmetric, levels)
+    if not args.clip_search:
+        return best
+    best_err = _clip_error(W, best)
+    for k in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        p = 1 - k / CLIP_GRID
+        grid = _range_grid(p * xmin, p * xmax, args.bits, args.symmetric, levels)
+        err = _clip_error(W, grid)
+        better = err < best_err
+        if better.any():
+            best_err = torch.where(better, err, best_err)
+            best.scale = torch.where(better, grid.scale, best.scale)
+            if best.zero_point is not None:
+                best.zero_point = torch.where(better, grid.zero_point, best.zero_point)
+    return best
+
+
+def _clip_error(W: torch.Tensor, grid: Grid) -> torch.Tensor:
+    return (grid.fake_quantize(W) - W).abs().pow(CLIP_NORM).sum(dim=1, keepdim=True)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes [N, K] and grids [N, K/G] (G = K per channel)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.codes.shape
+        zp = self.zero_point
+        grid = Grid(self.scale.reshape(-1, 1), None if zp is None else zp.reshape(-1, 1), 0)
+        q = self.codes.reshape(-1, self.group_size)
+        return grid.dequantize(q).reshape(N, K)
+
+
+def check_group_size(K: int, args: WeightArgs, name: str = "weight") -> int:
+    """The effective group size for K input features; fails when the group does not divide K."""
+    G = args.group_size or K
+    if K % G:
+        raise ValueError(
+            f"{name}: group size {G} does not divide its {K} input features; choose a group size "
+            f"that divides every linear's input size (e.g. 64 or 32) or per-channel (no group)"
+        )
+    return G
+
+
+def quantize_weight_rtn(W: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [N, K], per channel or per group along K."""
+    N, K = W.shape
+    G = check_group_size(K, args)
+    rows = W.reshape(N * K // G, G)
+    grid = fit_weight_grid(rows, args)
+    codes = grid.quantize(rows).reshape(N, K)
+    zp = None if grid.zero_point is None else grid.zero_point.reshape(N, K // G)
+    return QuantizedWeight(codes, grid.scale.reshape(N, K // G), zp, G)
+
+
+def fake_quantize_activation(x: torch.Tensor, args: ActivationArgs) -> torch.Tensor:
+    """Quantize-dequantize each token (row of the last dim) of x."""
+    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio)
+
+
+def fake_quantize_kv(x: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
+    """Quantize-dequantize K or V [..., D] per (token, head): one grid per head vector."""
+    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio)
+
+
+def _fake_quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: float) -> torch.Tensor:
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    xmin = torch.clamp(rows.min(dim=1, keepdim=True).values, max=0) * clip
+    xmax = torch.clamp(rows.max(dim=1, keepdim=True).values, min=0) * clip
+    grid = _range_grid(xmin, xmax, bits, symmetric, 2 ** (bits - 1) - 1)
+    return grid.fake_quantize(rows).reshape(shape)

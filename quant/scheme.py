@@ -1,0 +1,169 @@
+"""The one versioned description of a quantization scheme, from calibration to serving.
+
+Calibration reads it to simulate the quantizers, export writes it into
+``config.json["quantization_config"]`` and serving parses it back with :meth:`Scheme.from_dict`.
+Unknown keys and versions fail with a message that names the field (design.md, "One schema").
+Method options (damping, block size, sample counts) are not part of the scheme.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from rotq.quant.errors import RotqError
+
+FORMAT_VERSION = 1
+
+
+class SchemeError(RotqError):
+    """A scheme dict or preset that cannot be used; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class WeightArgs:
+    """Integer weights. Symmetric scale = max / (2^(b-1) - 0.5) on [-2^(b-1), 2^(b-1) - 1]
+    (the compressed-tensors convention); asymmetric uses an integer zero point."""
+
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int | None = None  # None: one scale per output channel
+    clip_search: bool = True  # per-row MSE search of a shrink factor in [0.2, 1]
+
+
+@dataclass(frozen=True)
+class ActivationArgs:
+    """Dynamic per-token quantization of the inputs of every quantized linear.
+
+    Symmetric scale = clip * max|x| / (2^(b-1) - 1) (QuaRot); asymmetric: the range
+    [min(x, 0), max(x, 0)] * clip on 2^b levels with an integer zero point."""
+
+    bits: int = 4
+    symmetric: bool = True
+    clip_ratio: float = 0.9
+
+
+@dataclass(frozen=True)
+class KVCacheArgs:
+    """Dynamic per-(token, head) quantization of K (after RoPE and R3) and V; group = head_dim."""
+
+    bits: int = 4
+    symmetric: bool = False
+    clip_ratio: float = 0.95
+
+
+@dataclass(frozen=True)
+class RotationArgs:
+    """What was folded offline and what must run online.
+
+    ``r1``/``r2`` are random Hadamards (signs from ``seed``) folded into the weights; ``r3`` is an
+    online Hadamard of size head_dim on Q and K after RoPE; ``r4`` an online Hadamard of size
+    intermediate_size on the input of down_proj (its transpose is folded into down_proj).
+    """
+
+    kind: str = "none"  # "none" | "hadamard"
+    r1: bool = False
+    r2: bool = False
+    r3: bool = False
+    r4: bool = False
+    seed: int = 0
+
+    @staticmethod
+    def hadamard(seed: int = 0, online_qk: bool = True) -> "RotationArgs":
+        return RotationArgs(kind="hadamard", r1=True, r2=True, r3=online_qk, r4=True, seed=seed)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    weights: WeightArgs = field(default_factory=WeightArgs)
+    activations: ActivationArgs | None = None  # None: 16-bit activations
+    kv_cache: KVCacheArgs | None = None  # None: 16-bit KV cache
+    rotation: RotationArgs = field(default_factory=RotationArgs)
+    ignore: tuple[str, ...] = ("lm_head",)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        _validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"ignore": list(self.ignore)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scheme":
+        """Parse a dict written by :meth:`to_dict`; ``quant_method`` (if present) must be rotq."""
+        d = dict(d)
+        method = d.pop("quant_method", "rotq")
+        if method != "rotq":
+            raise SchemeError(f"quantization_config.quant_method is {method!r}, expected 'rotq'")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise SchemeError(
+                f"quantization_config.format_version is {version!r}; this rotq reads version "
+                f"{FORMAT_VERSION}. Re-export the checkpoint or upgrade rotq."
+            )
+        _check_keys("quantization_config", d, cls)
+        sub = {"weights": WeightArgs, "activations": ActivationArgs, "kv_cache": KVCacheArgs,
+               "rotation": RotationArgs}
+        kwargs = {}
+        for name, value in d.items():
+            if name in sub and value is not None:
+                if not isinstance(value, dict):
+                    raise SchemeError(f"quantization_config.{name} must be a mapping, got {value!r}")
+                _check_keys(f"quantization_config.{name}", value, sub[name])
+                value = sub[name](**value)
+            elif name == "ignore":
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "Scheme":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_keys(where: str, d: dict, cls) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise SchemeError(f"{where} has unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _validate(s: Scheme) -> None:
+    w = s.weights
+    if not 2 <= w.bits <= 16:
+        raise SchemeError(f"weights.bits must be in 2..16, got {w.bits}")
+    if w.group_size is not None and (w.group_size <= 0 or w.group_size % 8):
+        raise SchemeError(f"weights.group_size must be a positive multiple of 8 or null, got {w.group_size}")
+    for name, a in (("activations", s.activations), ("kv_cache", s.kv_cache)):
+        if a is None:
+            continue
+        if not 2 <= a.bits <= 8:
+            raise SchemeError(f"{name}.bits must be in 2..8 (use null for 16-bit), got {a.bits}")
+        if not 0.0 < a.clip_ratio <= 1.0:
+            raise SchemeError(f"{name}.clip_ratio must be in (0, 1], got {a.clip_ratio}")
+    if s.rotation.kind not in ("none", "hadamard"):
+        raise SchemeError(f"rotation.kind must be 'none' or 'hadamard', got {s.rotation.kind!r}")
+    if s.rotation.kind == "none" and any((s.rotation.r1, s.rotation.r2, s.rotation.r3, s.rotation.r4)):
+        raise SchemeError("rotation.kind is 'none' but r1..r4 are set; use kind 'hadamard'")
+
+
+PRESETS: dict[str, Scheme] = {
+    "w4a4kv4": Scheme(activations=ActivationArgs(), kv_cache=KVCacheArgs()),
+    "w4a4": Scheme(activations=ActivationArgs()),
+    "w4a16": Scheme(),
+    "w3a16": Scheme(weights=WeightArgs(bits=3)),
+    "w8a8": Scheme(weights=WeightArgs(bits=8), activations=ActivationArgs(bits=8, clip_ratio=1.0)),
+}
+
+
+def preset(name: str, rotation: str = "none", seed: int = 0) -> Scheme:
+    """A named preset with the chosen rotation."""
+    if name not in PRESETS:
+        raise SchemeError(f"unknown scheme {name!r}; choose one of {', '.join(PRESETS)}")
+    if rotation == "none":
+        rot = RotationArgs()
+    elif rotation == "hadamard":
+        # R3 only serves the KV quantizer: without KV4 it would be an online op for nothing
+        rot = RotationArgs.hadamard(seed, online_qk=PRESETS[name].kv_cache is not None)
+    else:
+        raise SchemeError(f"unknown rotation {rotation!r}; choose 'none' or 'hadamard'")
+    return PRESETS[name].replace(rotation=rot)
