@@ -1,0 +1,223 @@
+"""`rotq` command line: quantize, eval, prepare.
+
+User mistakes (bad paths, names, text, output directories) print one line and exit with status
+2; nothing is left half-written. Option defaults live in the dataclasses (argparse defaults are
+None); a ``--recipe`` YAML/JSON file sets the same options by their long names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from rotq.quant.errors import RotqError
+
+logger = logging.getLogger("rotq")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    scheme: str = "w4a4kv4"
+    rotation: str = "hadamard"
+    method: str = "gptq"
+    calib: str = "wikisum"
+    nsamples: int = 64
+    seqlen: int = 1024
+    seed: int = 0
+    w_bits: int | None = None
+    w_group_size: int | None = None
+    w_asym: bool | None = None
+    a_clip: float | None = None
+    kv_clip: float | None = None
+    act_order: bool = True
+    percdamp: float = 0.01
+    block_size: int = 128
+    calib_act_quant: bool = True
+    batch_size: int = 8
+    device: str = "cpu"
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="rotate and calibrate a model, write OUT")
+    p.add_argument("model", help="HF directory, hub id, or builtin name (smollm2-135m)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output directory (must not exist)")
+    p.add_argument("--recipe", type=Path, help="YAML/JSON file with any of the options below")
+    p.add_argument("--scheme", help="w4a4kv4 | w4a4 | w4a16 | w3a16 | w8a8 (default w4a4kv4)")
+    p.add_argument("--rotation", help="none | hadamard (default hadamard)")
+    p.add_argument("--method", help="rtn | gptq (default gptq)")
+    p.add_argument("--calib", help="wikisum | wikitext2 | PATH of a text file (default wikisum, train split)")
+    p.add_argument("--nsamples", type=int, help="calibration sequences (default 64)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 1024)")
+    p.add_argument("--seed", type=int, help="seed of the sampling and the random Hadamards (default 0)")
+    p.add_argument("--w-bits", type=int, help="override the scheme's weight bits")
+    p.add_argument("--w-group-size", type=int, help="override: weight group size (0 = per channel)")
+    p.add_argument("--w-asym", action=argparse.BooleanOptionalAction, help="asymmetric weights")
+    p.add_argument("--a-clip", type=float, help="override: activation clip ratio")
+    p.add_argument("--kv-clip", type=float, help="override: KV-cache clip ratio")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, help="GPTQ act-order (default on)")
+    p.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--block-size", type=int, help="GPTQ lazy-update block (default 128)")
+    p.add_argument("--calib-act-quant", action=argparse.BooleanOptionalAction,
+                   help="quantize activations/KV while collecting H (default on)")
+    p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 8)")
+    p.add_argument("--device", help="compute device for the current layer (default cpu)")
+    p.add_argument("--report", type=Path, help="also write the calibration report JSON here")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or a rotq output")
+    p.add_argument("model", help="HF directory, hub id, builtin name, or a `rotq quantize` output")
+    p.add_argument("--ppl", default="wikisum",
+                   help="wikisum | wikitext2 | PATH of a text file (default wikisum, test split)")
+    p.add_argument("--windows", type=int, help="number of windows (default: all full windows)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", type=Path, help="write {ppl, tokens, ...} to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rotq", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log one line per linear")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    p = sub.add_parser("prepare", help="convert a builtin model once into the cache")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    return parser
+
+
+def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
+    """Dataclass defaults < recipe file < command-line flags."""
+    names = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    values = {}
+    if args.recipe is not None:
+        try:
+            recipe = yaml.safe_load(args.recipe.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RotqError(f"cannot read recipe {args.recipe}: {e}") from None
+        if not isinstance(recipe, dict):
+            raise RotqError(f"recipe {args.recipe} must be a mapping of option names to values")
+        unknown = sorted(set(recipe) - names)
+        if unknown:
+            raise RotqError(f"recipe {args.recipe} has unknown key(s) {unknown}; allowed: {sorted(names)}")
+        values.update(recipe)
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    try:
+        return QuantizeOptions(**values)
+    except TypeError as e:
+        raise RotqError(f"bad options: {e}") from None
+
+
+def build_scheme(o: QuantizeOptions):
+    from rotq.quant.scheme import preset
+
+    scheme = preset(o.scheme, o.rotation, o.seed)
+    w = scheme.weights
+    w = dataclasses.replace(
+        w,
+        bits=o.w_bits if o.w_bits is not None else w.bits,
+        group_size=(o.w_group_size or None) if o.w_group_size is not None else w.group_size,
+        symmetric=(not o.w_asym) if o.w_asym is not None else w.symmetric,
+    )
+    changes = {"weights": w}
+    if o.a_clip is not None and scheme.activations is not None:
+        changes["activations"] = dataclasses.replace(scheme.activations, clip_ratio=o.a_clip)
+    if o.kv_clip is not None and scheme.kv_cache is not None:
+        changes["kv_cache"] = dataclasses.replace(scheme.kv_cache, clip_ratio=o.kv_clip)
+    return scheme.replace(**changes)
+
+
+def _check_groups(model, scheme) -> None:
+    from rotq.quant.arch import decoder_layers, layer_linears
+
+    G = scheme.weights.group_size
+    if G is None:
+        return
+    bad = sorted({lin.in_features for lin in layer_linears(decoder_layers(model)[0]).values()
+                  if lin.in_features % G})
+    if bad:
+        raise RotqError(f"weight group size {G} does not divide input size(s) {bad} of this model; "
+                        f"use a group size that divides them (e.g. 64 or 32) or 0 for per-channel")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from rotq.quant.data import calibration_batches, load_text, tokenize_text
+    from rotq.quant.gptq import GPTQOptions
+    from rotq.quant.methods import NEEDS_DATA, check_method
+    from rotq.quant.models import load_model
+    from rotq.quant.output import check_output_dir, save_quantized
+    from rotq.quant.pipeline import CalibrationConfig, calibrate
+
+    o = quantize_options(args)
+    scheme = build_scheme(o)
+    check_method(o.method)
+    check_output_dir(args.out)
+    torch.manual_seed(o.seed)
+    model, tokenizer = load_model(args.model)
+    _check_groups(model, scheme)
+    calib_ids = None
+    if NEEDS_DATA[o.method]:
+        ids = tokenize_text(tokenizer, load_text(o.calib, "train"))
+        calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
+    cfg = CalibrationConfig(
+        method=o.method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
+        device=o.device,
+        gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order),
+    )
+    report = calibrate(model, scheme, calib_ids, cfg)
+    provenance = {"model": args.model, "options": dataclasses.asdict(o)}
+    save_quantized(model, tokenizer, scheme, provenance, report.to_dict(), args.out)
+    if args.report is not None:
+        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(f"wrote {args.out}: {o.scheme} {o.rotation} {o.method}, {report.seconds:.0f} s, "
+          f"peak RSS {report.peak_rss_mb:.0f} MB")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rotq.quant.data import eval_windows, load_text, tokenize_text
+    from rotq.quant.output import load_for_eval
+    from rotq.quant.perplexity import perplexity
+
+    if args.windows is not None and args.windows <= 0:
+        raise RotqError(f"--windows must be positive, got {args.windows}")
+    model, tokenizer, scheme = load_for_eval(args.model)
+    ids = tokenize_text(tokenizer, load_text(args.ppl, "test"))
+    windows = eval_windows(ids, args.windows, args.seqlen)
+    result = perplexity(model, windows, args.batch_size)
+    print(f"{args.model}: ppl {result.ppl:.4f} on {args.ppl} ({result.windows} x {result.seqlen}, "
+          f"{result.tokens} tokens){'' if scheme is None else ' [quantized]'}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rotq.quant.models import resolve_model_dir
+
+    print(resolve_model_dir(args.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "prepare": cmd_prepare}
+    try:
+        return commands[args.command](args)
+    except RotqError as e:
+        print(f"rotq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
