@@ -1,0 +1,121 @@
+"""The CLI end to end on a tiny model, and its answers to bad input: one line, exit 2,
+no traceback, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rotq.quant.cli import main
+from rotq.quant.data import eval_windows, load_text, tokenize_text
+from rotq.quant.output import load_for_eval
+from rotq.quant.perplexity import perplexity
+
+TEXT = " ".join(
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    "A rotation of the hidden state leaves the output of the network unchanged.".split()
+) + "\n"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT * 40)
+    return path
+
+
+def _quantize_args(model, out, text, *extra):
+    return ["quantize", str(model), "-o", str(out), "--calib", str(text), "--nsamples", "4",
+            "--seqlen", "32", *extra]
+
+
+def test_quantize_then_eval_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_quantize_args(tiny_model_dir("qwen3"), out, text_file)) == 0
+    assert {"config.json", "model.safetensors", "rotq.json", "calibration_report.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    manifest = json.loads((out / "rotq.json").read_text())
+    assert manifest["scheme"]["kv_cache"]["bits"] == 4
+    assert manifest["provenance"]["options"]["method"] == "gptq"
+
+    ppl_json = tmp_path / "ppl.json"
+    assert main(["eval", str(out), "--ppl", str(text_file), "--windows", "2", "--seqlen", "32",
+                 "--json", str(ppl_json)]) == 0
+    result = json.loads(ppl_json.read_text())
+    assert set(result) >= {"ppl", "tokens"} and result["tokens"] == 2 * 31
+    assert "[quantized]" in capsys.readouterr().out
+
+    # the reloaded output computes exactly what `rotq eval` reported
+    model, tok, scheme = load_for_eval(str(out))
+    assert scheme is not None and model.config._attn_implementation == "rotq"
+    ids = eval_windows(tokenize_text(tok, load_text(str(text_file), "test")), 2, 32)
+    assert perplexity(model, ids, progress=False).ppl == pytest.approx(result["ppl"], rel=1e-6)
+
+
+def test_recipe_sets_options_and_flags_override(tiny_model_dir, text_file, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("scheme: w4a16\nmethod: rtn\nrotation: none\nw_bits: 8\n")
+    out = tmp_path / "out"
+    assert main(_quantize_args(tiny_model_dir("llama"), out, text_file, "--recipe", str(recipe),
+                               "--w-bits", "3")) == 0
+    manifest = json.loads((out / "rotq.json").read_text())
+    assert manifest["scheme"]["weights"]["bits"] == 3
+    assert manifest["scheme"]["activations"] is None
+    assert manifest["provenance"]["options"]["method"] == "rtn"
+
+
+def _bad(argv, capsys, match):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert match in err, err
+
+
+def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    _bad(_quantize_args(tmp_path / "nope", out, text_file), capsys, "nope")
+    _bad(_quantize_args(model, out, text_file, "--scheme", "w5a5"), capsys, "unknown scheme 'w5a5'")
+    _bad(_quantize_args(model, out, text_file, "--method", "awq"), capsys, "unknown method 'awq'")
+    _bad(_quantize_args(model, out, text_file, "--rotation", "spin"), capsys, "unknown rotation 'spin'")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    _bad(_quantize_args(model, out, empty), capsys, "empty")
+    _bad(_quantize_args(model, out, text_file, "--w-group-size", "96"), capsys, "does not divide")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("nsample: 3\n")
+    _bad(_quantize_args(model, out, text_file, "--recipe", str(recipe)), capsys, "unknown key(s) ['nsample']")
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    _bad(_quantize_args(model, existing, text_file), capsys, "already exists")
+    under_file = text_file / "out"  # the parent is a regular file: cannot be created
+    _bad(_quantize_args(model, under_file, text_file), capsys, "cannot create")
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    _bad(_quantize_args(gpt2, out, text_file), capsys, "LlamaForCausalLM")
+
+    _bad(["eval", str(model), "--ppl", str(text_file), "--windows", "1000", "--seqlen", "32"], capsys,
+         "windows")
+    _bad(["eval", str(model), "--ppl", "c4"], capsys, "c4")
+    _bad(["quantize", str(model)], capsys, "-o/--out")
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed `rotq` entry point: a user mistake is one line on stderr and status 2."""
+    exe = Path(sys.executable).parent / "rotq"
+    proc = subprocess.run([str(exe), "eval", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("rotq: error:") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,61 @@
+"""Computational invariance: the fused and rotated model in full precision keeps its logits."""
+
+import copy
+
+import pytest
+import torch
+
+from rotq.quant.models import load_model
+from rotq.quant.online import install_online_ops, remove_online_ops
+from rotq.quant.rotation import apply_rotations, fuse_norms
+from rotq.quant.scheme import RotationArgs, Scheme
+
+ARCHS = [(a, n) for a in ("llama", "qwen2", "qwen3", "mistral") for n in (False, True)]
+
+
+def _ids(seed=0, vocab=512):
+    return torch.randint(0, vocab, (2, 37), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch,nonpow2", ARCHS)
+def test_rotated_fp_model_keeps_logits(tiny_model_dir, arch, nonpow2):
+    model, _ = load_model(str(tiny_model_dir(arch, nonpow2)))
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        rot = RotationArgs.hadamard(seed=7)
+        fuse_norms(model)
+        apply_rotations(model, rot)
+        # online R3 and R4 with every quantizer off: still the same function
+        install_online_ops(model, Scheme(rotation=rot))
+        out = model(ids).logits
+    assert model.config._attn_implementation == "rotq"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_rotation_really_rotates(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir("llama")))
+    before = copy.deepcopy(model.model.layers[0].self_attn.q_proj.weight)
+    fuse_norms(model)
+    apply_rotations(model, RotationArgs.hadamard(seed=0))
+    after = model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied after fusion
+    assert model.config.tie_word_embeddings is False
+    assert torch.all(model.model.norm.weight == 1)
+
+
+def test_without_r3_the_model_differs_by_the_missing_online_op(tiny_model_dir):
+    """R4 folded into down_proj but not applied online must change the output (the test above
+    would pass vacuously if the online ops did nothing)."""
+    model, _ = load_model(str(tiny_model_dir("llama")))
+    ids = _ids(1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        rot = RotationArgs.hadamard(seed=1)
+        fuse_norms(model)
+        apply_rotations(model, rot)
+        install_online_ops(model, Scheme(rotation=rot))
+        remove_online_ops(model)
+        out = model(ids).logits
+    assert not torch.allclose(out, ref, atol=1e-2)
