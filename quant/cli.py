@@ -148,6 +148,13 @@ def _check_groups(model, scheme) -> None:
                         f"use a group size that divides them (e.g. 64 or 32) or 0 for per-channel")
 
 
+def _check_seqlen(model, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if seqlen <= 1 or (limit is not None and seqlen > limit):
+        raise RotqError(f"seqlen {seqlen} is outside this model's range 2..{limit} "
+                        f"(max_position_embeddings); choose a shorter --seqlen")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from rotq.quant.data import calibration_batches, load_text, tokenize_text
     from rotq.quant.gptq import GPTQOptions
@@ -161,11 +168,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_method(o.method)
     check_output_dir(args.out)
     torch.manual_seed(o.seed)
+    text = load_text(o.calib, "train") if NEEDS_DATA[o.method] else None
     model, tokenizer = load_model(args.model)
     _check_groups(model, scheme)
+    _check_seqlen(model, o.seqlen)
     calib_ids = None
-    if NEEDS_DATA[o.method]:
-        ids = tokenize_text(tokenizer, load_text(o.calib, "train"))
+    if text is not None:
+        ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
     cfg = CalibrationConfig(
         method=o.method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
@@ -189,8 +198,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.windows is not None and args.windows <= 0:
         raise RotqError(f"--windows must be positive, got {args.windows}")
+    text = load_text(args.ppl, "test")
     model, tokenizer, scheme = load_for_eval(args.model)
-    ids = tokenize_text(tokenizer, load_text(args.ppl, "test"))
+    _check_seqlen(model, args.seqlen)
+    ids = tokenize_text(tokenizer, text)
     windows = eval_windows(ids, args.windows, args.seqlen)
     result = perplexity(model, windows, args.batch_size)
     print(f"{args.model}: ppl {result.ppl:.4f} on {args.ppl} ({result.windows} x {result.seqlen}, "
