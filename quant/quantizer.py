@@ -46,6 +46,14 @@ class Grid:
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(x))
 
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """x clamped to the grid's representable range, without rounding."""
+        if self.zero_point is None:
+            half = 2 ** (self.bits - 1)
+            return torch.clamp(x, -half * self.scale, (half - 1) * self.scale)
+        top = 2**self.bits - 1
+        return torch.clamp(x, -self.zero_point * self.scale, (top - self.zero_point) * self.scale)
+
 
 def _range_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
                 sym_levels: float) -> Grid:

@@ -89,3 +89,56 @@ def test_act_order_with_dynamic_groups_is_refused():
     W, H = _problem(4, 64, seed=6)
     with pytest.raises(ValueError, match="static_groups"):
         gptq_solve(W, H, WeightArgs(group_size=32), GPTQOptions(act_order=True, static_groups=False))
+
+
+def _gptq_solve_original(W, H, args, opts):
+    """Frozen copy of gptq_solve's loop before the Correction hooks (commit 062130d)."""
+    from rotq.quant.gptq import _integer_form, prepare_hessian
+    from rotq.quant.quantizer import check_group_size, fit_weight_grid
+    N, K = W.shape
+    G = check_group_size(K, args)
+    W, H = prepare_hessian(W, H)
+    static = opts.static_groups if opts.static_groups is not None else (opts.act_order and G < K)
+    grids = [None] * (K // G)
+    if G == K or static:
+        for g in range(K // G):
+            grids[g] = fit_weight_grid(W[:, g * G:(g + 1) * G], args)
+    perm = torch.argsort(torch.diag(H), descending=True) if opts.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U = damped_inverse_factor(H, opts.percdamp)
+    original = list(perm.tolist() if perm is not None else range(K))
+    Q = torch.zeros_like(W)
+    for i1 in range(0, K, opts.block_size):
+        i2 = min(i1 + opts.block_size, K)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            g = original[i1 + j] // G
+            if grids[g] is None:
+                grids[g] = fit_weight_grid(torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :G], args)
+            w = W1[:, j]
+            q = grids[g].fake_quantize(w.unsqueeze(1)).squeeze(1)
+            Q[:, i1 + j] = q
+            e = (w - q) / U1[j, j]
+            W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+            E[:, j] = e
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q, _integer_form(Q, grids, G)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act_order,group_size,block_size", [
+    (False, None, 128), (True, None, 64), (False, 40, 64), (True, 40, 128), (False, 40, 32)])
+def test_gptq_is_bit_identical_to_the_original_loop(dtype, act_order, group_size, block_size):
+    W, H = _problem(13, 200, seed=7, dtype=dtype)
+    H[17, :] = 0  # one dead input
+    H[:, 17] = 0
+    args = WeightArgs(bits=3, group_size=group_size, symmetric=group_size is None)
+    opts = GPTQOptions(act_order=act_order, block_size=block_size)
+    Q, qw = _gptq_solve_original(W, H, args, opts)
+    res = gptq_solve(W, H, args, opts)
+    assert torch.equal(res.Q, Q)
+    assert torch.equal(res.quantized.codes, qw.codes)
