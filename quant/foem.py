@@ -45,7 +45,8 @@ class FOEMOptions:
 
     def __post_init__(self):
         if self.variant not in DEFAULT_BETA:
-            raise ValueError(f"FOEM variant must be one of {', '.join(DEFAULT_BETA)}, got {self.variant!r}")
+            raise ValueError(f"FOEM variant must be one of {', '.join(DEFAULT_BETA)}, "
+                             f"got {self.variant!r}")
 
     def resolved_beta(self) -> float:
         return DEFAULT_BETA[self.variant] if self.beta is None else self.beta
@@ -55,7 +56,8 @@ class FOEMOptions:
         if not with_d:
             if self.alpha:
                 raise ValueError(f"FOEM alpha={self.alpha} is GPTAQ's term and needs D from the "
-                                 "full-precision trajectory; pass D (method 'gptaq+foem') or unset alpha")
+                                 "full-precision trajectory; pass D (method 'gptaq+foem') "
+                                 "or unset alpha")
             return 0.0
         return DEFAULT_ALPHA[self.variant] if self.alpha is None else self.alpha
 
