@@ -82,7 +82,7 @@ class SolveContext:
     def statistic(self, D: torch.Tensor) -> torch.Tensor:
         """Another [K, K] statistic (e.g. D) handled like H: dead columns zeroed, rows and
         columns permuted."""
-        D = D.to(self.H.dtype).clone()
+        D = D.to(device=self.H.device, dtype=self.H.dtype).clone()
         D[:, self.dead] = 0
         return D if self.perm is None else D[self.perm][:, self.perm]
 

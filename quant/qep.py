@@ -39,7 +39,7 @@ def qep_correct(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor,
     Dead inputs (diag H = 0) get H_jj = 1 and a zero column of D, so their column is unchanged."""
     if opts.alpha == 0:
         return W.clone()
-    H, D = H.to(W.dtype).clone(), D.to(W.dtype).clone()
+    H, D = H.to(W).clone(), D.to(W).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     D[:, dead] = 0
