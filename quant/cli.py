@@ -52,7 +52,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--recipe", type=Path, help="YAML/JSON file with any of the options below")
     p.add_argument("--scheme", help="w4a4kv4 | w4a4 | w4a16 | w3a16 | w8a8 (default w4a4kv4)")
     p.add_argument("--rotation", help="none | hadamard (default hadamard)")
-    p.add_argument("--method", help="rtn | gptq (default gptq)")
+    p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
+                   "such as gptaq+foem, qep+gptq (default gptq)")
     p.add_argument("--calib", help="wikisum | wikitext2 | PATH of a text file (default wikisum, train split)")
     p.add_argument("--nsamples", type=int, help="calibration sequences (default 64)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 1024)")
@@ -158,17 +159,17 @@ def _check_seqlen(model, seqlen: int) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from rotq.quant.data import calibration_batches, load_text, tokenize_text
     from rotq.quant.gptq import GPTQOptions
-    from rotq.quant.methods import NEEDS_DATA, check_method
+    from rotq.quant.methods import MethodOptions, check_method, needs_data
     from rotq.quant.models import load_model
     from rotq.quant.output import check_output_dir, save_quantized
     from rotq.quant.pipeline import CalibrationConfig, calibrate
 
     o = quantize_options(args)
     scheme = build_scheme(o)
-    check_method(o.method)
+    method = check_method(o.method)
     check_output_dir(args.out)
     torch.manual_seed(o.seed)
-    text = load_text(o.calib, "train") if NEEDS_DATA[o.method] else None
+    text = load_text(o.calib, "train") if needs_data(method) else None
     model, tokenizer = load_model(args.model)
     _check_groups(model, scheme)
     _check_seqlen(model, o.seqlen)
@@ -177,9 +178,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
     cfg = CalibrationConfig(
-        method=o.method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
-        device=o.device,
-        gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order),
+        method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
+        device=o.device, options=MethodOptions(
+            gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
     report = calibrate(model, scheme, calib_ids, cfg)
     provenance = {"model": args.model, "options": dataclasses.asdict(o)}

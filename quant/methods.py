@@ -31,7 +31,6 @@ from rotq.quant.rescomp import ResCompOptions, rescomp_solve
 from rotq.quant.scheme import WeightArgs
 
 METHODS = ("rtn", "gptq", "gptaq", "foem", "qep", "rescomp")
-NEEDS_DATA = {"rtn": False, "gptq": True, "gptaq": True, "foem": True, "qep": True, "rescomp": True}
 # Methods that fit W X ≈ Q X̃ need D, i.e. the layer's inputs along the full-precision trajectory.
 NEEDS_FP_TRAJECTORY = {"rtn": False, "gptq": False, "gptaq": True, "foem": False, "qep": True,
                        "rescomp": True}
@@ -109,15 +108,9 @@ def _check_pair(a: str, b: str) -> None:
         raise RotqError(f"'{a}' and '{b}' cannot be combined: {why}")
 
 
-def check_method(name: str, fp_trajectory: bool = False) -> str:
-    """Validate a method string and return its canonical name. Callers that cannot supply D
-    (``fp_trajectory`` False) get a RotqError for methods that need it."""
-    plan = parse_method(name)
-    if plan.needs_fp_trajectory and not fp_trajectory:
-        raise RotqError(f"method {name!r} fits the full-precision trajectory (needs D = 2/N "
-                        "sum (x - x~) x~^T), which this calibration path does not collect yet; "
-                        "choose rtn, gptq or foem")
-    return plan.name
+def check_method(name: str) -> str:
+    """Validate a method string (RotqError if it does not parse) and return its canonical name."""
+    return parse_method(name).name
 
 
 def needs_data(method: str) -> bool:

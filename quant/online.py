@@ -54,25 +54,34 @@ class InputTransform:
 
 def install_online_ops(model: nn.Module, scheme: Scheme) -> None:
     """Make ``model`` compute the scheme's online ops (idempotent: replaces earlier ones)."""
-    remove_online_ops(model)
     for layer in decoder_layers(model):
-        for name, lin in layer_linears(layer).items():
-            had = lin.in_features if name == "mlp.down_proj" and scheme.rotation.r4 else None
-            if scheme.activations is not None or had:
-                lin._rotq_hook = lin.register_forward_pre_hook(InputTransform(scheme.activations, had))
-        attn = layer.self_attn
-        attn.rotq_r3, attn.rotq_kv = scheme.rotation.r3, scheme.kv_cache
-    if scheme.rotation.r3 or scheme.kv_cache is not None:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        install_layer_ops(layer, scheme)
+    online_attention = scheme.rotation.r3 or scheme.kv_cache is not None
+    model.set_attn_implementation(ATTN_IMPLEMENTATION if online_attention else "sdpa")
 
 
 def remove_online_ops(model: nn.Module) -> None:
     for layer in decoder_layers(model):
-        for lin in layer_linears(layer).values():
-            hook = getattr(lin, "_rotq_hook", None)
-            if hook is not None:
-                hook.remove()
-                del lin._rotq_hook
-        layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = False, None
-    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
-        model.set_attn_implementation("sdpa")
+        remove_layer_ops(layer)
+    model.set_attn_implementation("sdpa")
+
+
+def install_layer_ops(layer: nn.Module, scheme: Scheme) -> None:
+    """One decoder layer's share of :func:`install_online_ops` (the attention attributes only
+    take effect under the "rotq" attention implementation)."""
+    remove_layer_ops(layer)
+    for name, lin in layer_linears(layer).items():
+        had = lin.in_features if name == "mlp.down_proj" and scheme.rotation.r4 else None
+        if scheme.activations is not None or had:
+            lin.register_forward_pre_hook(InputTransform(scheme.activations, had))
+    layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = scheme.rotation.r3, scheme.kv_cache
+
+
+def remove_layer_ops(layer: nn.Module) -> None:
+    # Found by type rather than by handle, so that it also works on a deep copy of the layer
+    # (a copied handle would still point at the original's hook table).
+    for lin in layer_linears(layer).values():
+        hooks = lin._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if isinstance(h, InputTransform)]:
+            del hooks[key]
+    layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = False, None

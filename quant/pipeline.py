@@ -5,11 +5,15 @@ then for each decoder layer and each group of linears that share an input ("true
 run the layer on the calibration inputs up to that group, accumulate H from the group's
 (rotated, fake-quantized) input, solve each linear and write back its quantized weight. The
 quantized layer's outputs become the next layer's inputs, so H carries all earlier error.
-Only the current layer sits on the compute device.
+Methods that fit the full-precision trajectory (GPTAQ, QEP, ResComp) also run a full-precision
+copy of each layer on the full-precision inputs in lockstep, batch by batch, and accumulate
+D from the paired inputs: nothing per linear is cached. Only the current layer (and its copy)
+sits on the compute device.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -20,10 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
-from rotq.quant.gptq import GPTQOptions
-from rotq.quant.hessian import HessianHook, StopForward
-from rotq.quant.methods import NEEDS_DATA, check_method, solve
-from rotq.quant.online import install_online_ops
+from rotq.quant.hessian import group_statistics
+from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
+from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.rotation import apply_rotations, fuse_norms
 from rotq.quant.scheme import Scheme
 
@@ -34,8 +37,8 @@ logger = logging.getLogger(__name__)
 class CalibrationConfig:
     """How to calibrate (not part of the scheme: recorded for provenance only)."""
 
-    method: str = "gptq"
-    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    method: str = "gptq"  # a method string of methods.py, e.g. "gptq", "gptaq+foem"
+    options: MethodOptions = field(default_factory=MethodOptions)
     act_quant_calibration: bool = True  # H sees activations/KV quantized as at inference
     batch_size: int = 8
     device: str = "cpu"
@@ -76,31 +79,37 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
               cfg: CalibrationConfig = CalibrationConfig()) -> CalibrationReport:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
     leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN."""
-    check_method(cfg.method)
+    plan = parse_method(check_method(cfg.method))
     start = time.perf_counter()
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
     prepare_model(model, scheme)
-    if NEEDS_DATA[cfg.method]:
+    if plan.needs_data:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} needs calibration data")
         if not cfg.act_quant_calibration:
-            install_online_ops(model, scheme.replace(activations=None, kv_cache=None))
-        _calibrate_sequential(model, scheme, calib_ids, cfg, report)
+            install_online_ops(model, _without_quantizers(scheme))
+        _calibrate_sequential(model, scheme, calib_ids, cfg, report, plan.needs_fp_trajectory)
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc=f"Quantizing ({cfg.method})", unit="layer")):
             for name, lin in layer_linears(layer).items():
-                _solve_linear(f"model.layers.{i}.{name}", lin, None, scheme, cfg, report)
+                _solve_linear(f"model.layers.{i}.{name}", lin, None, None, scheme, cfg, report)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
 
 
-def _calibrate_sequential(model, scheme, calib_ids, cfg, report) -> None:
+def _without_quantizers(scheme: Scheme) -> Scheme:
+    """The full-precision model's online ops: the rotations only."""
+    return scheme.replace(activations=None, kv_cache=None)
+
+
+def _calibrate_sequential(model, scheme, calib_ids, cfg, report, fp_trajectory: bool) -> None:
     device = torch.device(cfg.device)
     inps = _embed(model, calib_ids, cfg.batch_size, device)
+    fp_inps = inps.clone() if fp_trajectory else None
     position_ids = torch.arange(calib_ids.shape[1], device=device).unsqueeze(0)
     rotary = model.model.rotary_emb.to(device)
     position_embeddings = rotary(inps[:1], position_ids)
@@ -109,24 +118,27 @@ def _calibrate_sequential(model, scheme, calib_ids, cfg, report) -> None:
     bar = tqdm(decoder_layers(model), desc=f"Calibrating ({cfg.method})", unit="layer")
     for i, layer in enumerate(bar):
         layer.to(device)
+        fp_layer = None
+        if fp_trajectory:
+            fp_layer = copy.deepcopy(layer)
+            install_layer_ops(fp_layer, _without_quantizers(scheme))
         linears = layer_linears(layer)
         for group in LINEAR_GROUPS:
-            hook = HessianHook(linears[group[0]].in_features)
-            handle = linears[group[0]].register_forward_pre_hook(hook)
-            try:
-                for batch in inps.split(cfg.batch_size):
-                    try:
-                        layer(batch, **forward)
-                    except StopForward:
-                        pass
-            finally:
-                handle.remove()
+            H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size, fp_layer, fp_inps)
             for name in group:
-                _solve_linear(f"model.layers.{i}.{name}", linears[name], hook.H, scheme, cfg, report)
-        for batch in inps.split(cfg.batch_size):  # in place: each batch depends only on itself
-            batch.copy_(_hidden(layer(batch, **forward)))
+                _solve_linear(f"model.layers.{i}.{name}", linears[name], H, D, scheme, cfg, report)
+        _propagate(layer, inps, forward, cfg.batch_size)
+        if fp_layer is not None:
+            _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
         layer.to("cpu")
         bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
+
+
+@torch.no_grad()
+def _propagate(layer, inps, forward, batch_size) -> None:
+    """inps <- layer(inps), in place: each batch depends only on itself."""
+    for batch in inps.split(batch_size):
+        batch.copy_(_hidden(layer(batch, **forward)))
 
 
 def _embed(model, calib_ids, batch_size, device) -> torch.Tensor:
@@ -138,11 +150,11 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _solve_linear(name, lin: nn.Linear, H, scheme, cfg, report) -> None:
+def _solve_linear(name, lin: nn.Linear, H, D, scheme, cfg, report) -> None:
     t0 = time.perf_counter()
     W = lin.weight.data.float()
-    result = solve(cfg.method, W, None if H is None else H.to(W.device, torch.float32),
-                   scheme.weights, cfg.gptq)
+    to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
+    result = solve(cfg.method, W, to_w(H), scheme.weights, cfg.options, D=to_w(D), name=name)
     dW = (W - result.Q).double()
     w_err = float(dW.square().sum() / W.double().square().sum().clamp_min(1e-30))
     out_err = None

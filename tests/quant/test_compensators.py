@@ -337,9 +337,9 @@ def test_flags_and_check_method():
     assert not parse_method("foem").needs_fp_trajectory
     assert parse_method("gptaq+foem").needs_fp_trajectory
     assert not needs_data("rtn") and needs_data("qep+rtn") and needs_data("foem")
-    assert check_method("foem") == "foem" and check_method("qep", fp_trajectory=True) == "qep+gptq"
-    with pytest.raises(RotqError, match="full-precision trajectory"):
-        check_method("gptaq")
+    assert check_method("foem") == "foem" and check_method("qep") == "qep+gptq"
+    with pytest.raises(RotqError, match="unknown method 'awq'"):
+        check_method("gptaq+awq")
 
 
 def test_solve_entry_point():

@@ -74,3 +74,42 @@ def test_activation_quantization_during_calibration_is_a_switch(tiny_model_dir):
         weights.append(decoder_layers(model)[1].mlp.down_proj.weight.detach().clone())
         assert model.config._attn_implementation == "rotq"  # online ops back on either way
     assert not torch.equal(*weights)
+
+
+def test_fp_trajectory_statistics_by_hand(tiny_model_dir):
+    """Layer 0, first group: x̃ = A4(norm(emb)) in the quantized model, x = norm(emb) in the
+    full-precision one; H and D from the pipeline's lockstep pass equal the hand-built ones."""
+    from rotq.quant.hessian import group_statistics
+    from rotq.quant.online import install_layer_ops
+    from rotq.quant.quantizer import fake_quantize_activation
+    import copy
+
+    model, _ = load_model(str(tiny_model_dir("llama")))
+    scheme = preset("w4a4")
+    layer = decoder_layers(model)[0]
+    fp_layer = copy.deepcopy(layer)
+    install_layer_ops(layer, scheme)  # the copy stays full precision
+    ids = _calib(5, 19, seed=4)
+    with torch.no_grad():
+        inps = model.model.embed_tokens(ids)
+        pos = torch.arange(19).unsqueeze(0)
+        forward = dict(position_ids=pos, position_embeddings=model.model.rotary_emb(inps, pos),
+                       attention_mask=None, use_cache=False)
+        H, D = group_statistics(layer, "self_attn.q_proj", inps, forward, 2, fp_layer, inps.clone())
+        x = layer.input_layernorm(inps).reshape(-1, inps.shape[-1]).double()
+    xq = fake_quantize_activation(x.float(), scheme.activations).double()
+    torch.testing.assert_close(H, 2 * xq.T @ xq / 5, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(D, 2 * (x - xq).T @ xq / 5, rtol=1e-4, atol=1e-5)
+    assert D.abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["gptaq", "qep+gptq", "gptaq+foem", "rescomp"])
+def test_asymmetric_methods_run_end_to_end(tiny_model_dir, method):
+    model, _ = load_model(str(tiny_model_dir("qwen2", nonpow2=True)))
+    report = calibrate(model, preset("w4a4kv4", "hadamard"), _calib(),
+                       CalibrationConfig(method=method, batch_size=4))
+    assert report.method == method
+    assert all(r.output_rel_err is not None and r.output_rel_err < 1 for r in report.linears)
+    for layer in decoder_layers(model):
+        for lin in layer_linears(layer).values():
+            assert max(len(torch.unique(row)) for row in lin.weight) <= 16
