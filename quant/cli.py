@@ -35,6 +35,7 @@ class QuantizeOptions:
     w_bits: int | None = None
     w_group_size: int | None = None
     w_asym: bool | None = None
+    w_clip_max_shrink: float | None = None
     a_clip: float | None = None
     kv_clip: float | None = None
     act_order: bool = True
@@ -61,6 +62,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--w-bits", type=int, help="override the scheme's weight bits")
     p.add_argument("--w-group-size", type=int, help="override: weight group size (0 = per channel)")
     p.add_argument("--w-asym", action=argparse.BooleanOptionalAction, help="asymmetric weights")
+    p.add_argument("--w-clip-max-shrink", type=float,
+                   help="override: clip search tries range shrinks p in [1 - this, 1] (default 0.8)")
     p.add_argument("--a-clip", type=float, help="override: activation clip ratio")
     p.add_argument("--kv-clip", type=float, help="override: KV-cache clip ratio")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, help="GPTQ act-order (default on)")
@@ -127,6 +130,7 @@ def build_scheme(o: QuantizeOptions):
         bits=o.w_bits if o.w_bits is not None else w.bits,
         group_size=(o.w_group_size or None) if o.w_group_size is not None else w.group_size,
         symmetric=(not o.w_asym) if o.w_asym is not None else w.symmetric,
+        clip_max_shrink=o.w_clip_max_shrink if o.w_clip_max_shrink is not None else w.clip_max_shrink,
     )
     changes = {"weights": w}
     if o.a_clip is not None and scheme.activations is not None:

@@ -17,8 +17,7 @@ import torch
 
 from rotq.quant.scheme import ActivationArgs, KVCacheArgs, WeightArgs
 
-CLIP_GRID = 100  # shrink factors 1 - k/100 ...
-CLIP_MAX_SHRINK = 0.8  # ... for k = 0 .. 79
+CLIP_GRID = 100  # shrink factors 1 - k/100 for k < CLIP_GRID * WeightArgs.clip_max_shrink
 CLIP_NORM = 2.4  # the error norm of the clip search (GPTQ / QuaRot `mse=True`)
 
 
@@ -78,7 +77,7 @@ def fit_weight_grid(W: torch.Tensor, args: WeightArgs) -> Grid:
     if not args.clip_search:
         return best
     best_err = _clip_error(W, best)
-    for k in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID)):
+    for k in range(1, round(args.clip_max_shrink * CLIP_GRID)):
         p = 1 - k / CLIP_GRID
         grid = _range_grid(p * xmin, p * xmax, args.bits, args.symmetric, levels)
         err = _clip_error(W, grid)

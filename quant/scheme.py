@@ -28,7 +28,8 @@ class WeightArgs:
     bits: int = 4
     symmetric: bool = True
     group_size: int | None = None  # None: one scale per output channel
-    clip_search: bool = True  # per-row MSE search of a shrink factor in [0.2, 1]
+    clip_search: bool = True  # per-row search of the range shrink minimising sum |Q(w) - w|^2.4
+    clip_max_shrink: float = 0.8  # search p = 1 - k/100 for k < 100 * clip_max_shrink (GPTQ/QuaRot)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ def _validate(s: Scheme) -> None:
     w = s.weights
     if not 2 <= w.bits <= 16:
         raise SchemeError(f"weights.bits must be in 2..16, got {w.bits}")
+    if not 0.0 <= w.clip_max_shrink < 1.0:
+        raise SchemeError(f"weights.clip_max_shrink must be in [0, 1), got {w.clip_max_shrink}")
     if w.group_size is not None and (w.group_size <= 0 or w.group_size % 8):
         raise SchemeError(f"weights.group_size must be a positive multiple of 8 or null, got {w.group_size}")
     for name, a in (("activations", s.activations), ("kv_cache", s.kv_cache)):

@@ -86,3 +86,15 @@ def test_kv_quantizer_asymmetric_per_head():
     step = (xmax - xmin) / 15
     assert ((rows - x.reshape(-1, 64)).abs() <= step / 2 + 1e-5).all()
     assert torch.equal(fake_quantize_kv(x[:, 1:2], args), xq[:, 1:2])  # per head
+
+
+def test_clip_max_shrink_bounds_the_search():
+    W = _w((32, 128), seed=4)
+    W[:, 0] *= 20  # one huge outlier per row: the wide search clips it hard
+    amax = W.abs().max(dim=1, keepdim=True).values
+    for shrink in (0.0, 0.2, 0.8):
+        grid = fit_weight_grid(W, WeightArgs(clip_max_shrink=shrink))
+        p = grid.scale * 7.5 / amax
+        assert (p <= 1 + 1e-12).all() and (p >= 1 - shrink - 1e-12).all()
+    assert torch.equal(fit_weight_grid(W, WeightArgs(clip_max_shrink=0.0)).scale,
+                       fit_weight_grid(W, WeightArgs(clip_search=False)).scale)
