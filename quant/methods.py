@@ -117,10 +117,6 @@ def needs_data(method: str) -> bool:
     return parse_method(method).needs_data
 
 
-def needs_fp_trajectory(method: str) -> bool:
-    return parse_method(method).needs_fp_trajectory
-
-
 def solve(method: str, W: torch.Tensor, H: torch.Tensor | None, args: WeightArgs,
           options: GPTQOptions | MethodOptions | None = None, D: torch.Tensor | None = None,
           name: str | None = None) -> SolveResult:

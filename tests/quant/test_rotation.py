@@ -17,17 +17,21 @@ def _ids(seed=0, vocab=512):
     return torch.randint(0, vocab, (2, 37), generator=torch.Generator().manual_seed(seed))
 
 
+def _rotate(model, seed):
+    """Fuse norms, fold R1/R2/R4 and install the online R3/R4 with every quantizer off."""
+    rot = RotationArgs.hadamard(seed=seed)
+    fuse_norms(model)
+    apply_rotations(model, rot)
+    install_online_ops(model, Scheme(rotation=rot))
+
+
 @pytest.mark.parametrize("arch,nonpow2", ARCHS)
 def test_rotated_fp_model_keeps_logits(tiny_model_dir, arch, nonpow2):
     model, _ = load_model(str(tiny_model_dir(arch, nonpow2)))
     ids = _ids()
     with torch.no_grad():
         ref = model(ids).logits
-        rot = RotationArgs.hadamard(seed=7)
-        fuse_norms(model)
-        apply_rotations(model, rot)
-        # online R3 and R4 with every quantizer off: still the same function
-        install_online_ops(model, Scheme(rotation=rot))
+        _rotate(model, seed=7)  # still the same function
         out = model(ids).logits
     assert model.config._attn_implementation == "rotq"
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -45,17 +49,14 @@ def test_rotation_really_rotates(tiny_model_dir):
     assert torch.all(model.model.norm.weight == 1)
 
 
-def test_without_r3_the_model_differs_by_the_missing_online_op(tiny_model_dir):
+def test_without_online_r4_the_model_differs(tiny_model_dir):
     """R4 folded into down_proj but not applied online must change the output (the test above
     would pass vacuously if the online ops did nothing)."""
     model, _ = load_model(str(tiny_model_dir("llama")))
     ids = _ids(1)
     with torch.no_grad():
         ref = model(ids).logits
-        rot = RotationArgs.hadamard(seed=1)
-        fuse_norms(model)
-        apply_rotations(model, rot)
-        install_online_ops(model, Scheme(rotation=rot))
+        _rotate(model, seed=1)
         remove_online_ops(model)
         out = model(ids).logits
     assert not torch.allclose(out, ref, atol=1e-2)
