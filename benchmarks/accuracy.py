@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
+COMPENSATORS = ("gptaq", "foem", "qep", "rescomp", "gptaq+foem", "gptaq+rescomp")
+
 # (scheme, rotation, method); None = the full-precision model
 ROW_SETS = {
     "foundation": [
@@ -30,6 +32,10 @@ ROW_SETS = {
         ("w4a16", "none", "rtn"), ("w4a16", "none", "gptq"),
         ("w3a16", "none", "rtn"), ("w3a16", "none", "gptq"),
     ],
+    # issue 5: the compensators beside the foundation's rtn/gptq rows
+    "compensators-w4a4kv4-hadamard": [
+        ("w4a4kv4", "hadamard", m) for m in COMPENSATORS],
+    "compensators-w3a16": [("w3a16", "none", m) for m in COMPENSATORS],
 }
 
 
