@@ -165,7 +165,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from rotq.quant.gptq import GPTQOptions
     from rotq.quant.methods import MethodOptions, check_method, needs_data
     from rotq.quant.models import load_model
-    from rotq.quant.output import check_output_dir, save_quantized
+    from rotq.export.atomic import check_output_dir
+    from rotq.export.rotq_format import save_rotq
     from rotq.quant.pipeline import CalibrationConfig, calibrate
 
     o = quantize_options(args)
@@ -186,11 +187,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         device=o.device, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
-    report = calibrate(model, scheme, calib_ids, cfg)
-    provenance = {"model": args.model, "options": dataclasses.asdict(o)}
-    save_quantized(model, tokenizer, scheme, provenance, report.to_dict(), args.out)
+    result = calibrate(model, scheme, calib_ids, cfg)
+    report = result.report
+    full_report = {"provenance": {"model": args.model, "options": dataclasses.asdict(o)}, **report.to_dict()}
+    save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report)
     if args.report is not None:
-        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        args.report.write_text(json.dumps(full_report, indent=2) + "\n")
     print(f"wrote {args.out}: {o.scheme} {o.rotation} {o.method}, {report.seconds:.0f} s, "
           f"peak RSS {report.peak_rss_mb:.0f} MB")
     return 0
@@ -198,7 +200,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rotq.quant.data import eval_windows, load_text, tokenize_text
-    from rotq.quant.output import load_for_eval
     from rotq.quant.perplexity import perplexity
 
     if args.windows is not None and args.windows <= 0:
@@ -214,6 +215,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def load_for_eval(spec: str):
+    """(model, tokenizer, scheme or None): a plain model, or the PyTorch reference of a rotq
+    checkpoint (dequantized weights, online ops installed)."""
+    from rotq.export.rotq_format import is_rotq_checkpoint, load_rotq
+    from rotq.quant.models import load_model
+
+    if is_rotq_checkpoint(spec):
+        return load_rotq(spec)
+    model, tokenizer = load_model(spec)
+    return model, tokenizer, None
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

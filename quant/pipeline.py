@@ -27,6 +27,7 @@ from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
 from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
+from rotq.quant.quantizer import QuantizedWeight
 from rotq.quant.rotation import apply_rotations, fuse_norms
 from rotq.quant.scheme import Scheme
 
@@ -66,6 +67,17 @@ class CalibrationReport:
         return asdict(self)
 
 
+@dataclass
+class QuantizedModel:
+    """What export needs: the rotated model (quantized linears hold their dequantized values),
+    its scheme, and the integer form of every quantized linear, by module name."""
+
+    model: nn.Module
+    scheme: Scheme
+    weights: dict[str, QuantizedWeight]
+    report: CalibrationReport
+
+
 def prepare_model(model: nn.Module, scheme: Scheme) -> None:
     """Fold norms and offline rotations (when the scheme rotates) and install the online ops."""
     if scheme.rotation.kind != "none":
@@ -76,29 +88,30 @@ def prepare_model(model: nn.Module, scheme: Scheme) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
-              cfg: CalibrationConfig = CalibrationConfig()) -> CalibrationReport:
+              cfg: CalibrationConfig = CalibrationConfig()) -> QuantizedModel:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
     leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN."""
     plan = parse_method(check_method(cfg.method))
     start = time.perf_counter()
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
+    result = QuantizedModel(model, scheme, {}, report)
     prepare_model(model, scheme)
     if plan.needs_data:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} needs calibration data")
         if not cfg.act_quant_calibration:
             install_online_ops(model, _without_quantizers(scheme))
-        _calibrate_sequential(model, scheme, calib_ids, cfg, report, plan.needs_fp_trajectory)
+        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory)
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc=f"Quantizing ({cfg.method})", unit="layer")):
             for name, lin in layer_linears(layer).items():
-                _solve_linear(f"model.layers.{i}.{name}", lin, None, None, scheme, cfg, report)
+                _solve_linear(f"model.layers.{i}.{name}", lin, None, None, cfg, result)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return report
+    return result
 
 
 def _without_quantizers(scheme: Scheme) -> Scheme:
@@ -106,7 +119,8 @@ def _without_quantizers(scheme: Scheme) -> Scheme:
     return scheme.replace(activations=None, kv_cache=None)
 
 
-def _calibrate_sequential(model, scheme, calib_ids, cfg, report, fp_trajectory: bool) -> None:
+def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory: bool) -> None:
+    model, scheme, report = result.model, result.scheme, result.report
     device = torch.device(cfg.device)
     inps = _embed(model, calib_ids, cfg.batch_size, device)
     fp_inps = inps.clone() if fp_trajectory else None
@@ -126,7 +140,7 @@ def _calibrate_sequential(model, scheme, calib_ids, cfg, report, fp_trajectory: 
         for group in LINEAR_GROUPS:
             H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size, fp_layer, fp_inps)
             for name in group:
-                _solve_linear(f"model.layers.{i}.{name}", linears[name], H, D, scheme, cfg, report)
+                _solve_linear(f"model.layers.{i}.{name}", linears[name], H, D, cfg, result)
         _propagate(layer, inps, forward, cfg.batch_size)
         if fp_layer is not None:
             _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
@@ -150,11 +164,14 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _solve_linear(name, lin: nn.Linear, H, D, scheme, cfg, report) -> None:
+def _solve_linear(name, lin: nn.Linear, H, D, cfg, qmodel: QuantizedModel) -> None:
     t0 = time.perf_counter()
     W = lin.weight.data.float()
     to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
-    result = solve(cfg.method, W, to_w(H), scheme.weights, cfg.options, D=to_w(D), name=name)
+    result = solve(cfg.method, W, to_w(H), qmodel.scheme.weights, cfg.options, D=to_w(D), name=name)
+    qmodel.weights[name] = QuantizedWeight(*(None if t is None else t.cpu() for t in (
+        result.quantized.codes, result.quantized.scale, result.quantized.zero_point)),
+        result.quantized.group_size)
     dW = (W - result.Q).double()
     w_err = float(dW.square().sum() / W.double().square().sum().clamp_min(1e-30))
     out_err = None
@@ -164,6 +181,6 @@ def _solve_linear(name, lin: nn.Linear, H, D, scheme, cfg, report) -> None:
     lin.weight.data = result.Q.to(lin.weight.dtype)
     seconds = time.perf_counter() - t0
     loss = None if result.loss != result.loss else result.loss  # NaN -> None (RTN)
-    report.linears.append(LinearReport(name, seconds, w_err, out_err, loss))
+    qmodel.report.linears.append(LinearReport(name, seconds, w_err, out_err, loss))
     logger.info("%s: weight err %.3g, output err %s, %.2fs", name, w_err,
                 "n/a" if out_err is None else f"{out_err:.3g}", seconds)

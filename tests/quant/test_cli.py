@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rotq.quant.cli import main
+from rotq.quant.cli import load_for_eval, main
 from rotq.quant.data import eval_windows, load_text, tokenize_text
-from rotq.quant.output import load_for_eval
 from rotq.quant.perplexity import perplexity
 
 TEXT = " ".join(
@@ -35,12 +34,13 @@ def _quantize_args(model, out, text, *extra):
 def test_quantize_then_eval_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_quantize_args(tiny_model_dir("qwen3"), out, text_file)) == 0
-    assert {"config.json", "model.safetensors", "rotq.json", "calibration_report.json"} <= {
+    assert {"config.json", "model.safetensors", "calibration_report.json"} <= {
         p.name for p in out.iterdir()}
     assert not list(tmp_path.glob(".out.tmp-*"))
-    manifest = json.loads((out / "rotq.json").read_text())
-    assert manifest["scheme"]["kv_cache"]["bits"] == 4
-    assert manifest["provenance"]["options"]["method"] == "gptq"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "rotq" and qc["kv_cache"]["bits"] == 4
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["provenance"]["options"]["method"] == "gptq"
 
     ppl_json = tmp_path / "ppl.json"
     assert main(["eval", str(out), "--ppl", str(text_file), "--windows", "2", "--seqlen", "32",
@@ -62,10 +62,11 @@ def test_recipe_sets_options_and_flags_override(tiny_model_dir, text_file, tmp_p
     out = tmp_path / "out"
     assert main(_quantize_args(tiny_model_dir("llama"), out, text_file, "--recipe", str(recipe),
                                "--w-bits", "3")) == 0
-    manifest = json.loads((out / "rotq.json").read_text())
-    assert manifest["scheme"]["weights"]["bits"] == 3
-    assert manifest["scheme"]["activations"] is None
-    assert manifest["provenance"]["options"]["method"] == "rtn"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["weights"]["bits"] == 3
+    assert qc["activations"] is None
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["provenance"]["options"]["method"] == "rtn"
 
 
 def _bad(argv, capsys, match):

@@ -19,7 +19,7 @@ def _calib(n=6, seqlen=33, seed=0):
 def test_w4a4kv4_weights_land_on_a_4bit_grid(tiny_model_dir, arch, method):
     model, _ = load_model(str(tiny_model_dir(arch, nonpow2=arch == "llama")))
     report = calibrate(model, preset("w4a4kv4", "hadamard"), _calib(),
-                       CalibrationConfig(method=method, batch_size=4))
+                       CalibrationConfig(method=method, batch_size=4)).report
     assert len(report.linears) == 7 * len(decoder_layers(model))
     for layer in decoder_layers(model):
         for lin in layer_linears(layer).values():
@@ -43,7 +43,7 @@ def test_layer0_hessian_and_gptq_gain(tiny_model_dir):
     H = 2 * x.double().T @ x.double() / ids.shape[0]
     W = layer.self_attn.q_proj.weight.detach().double().clone()
     scheme = preset("w4a16")
-    report = calibrate(model, scheme, ids, CalibrationConfig(method="gptq", batch_size=3))
+    report = calibrate(model, scheme, ids, CalibrationConfig(method="gptq", batch_size=3)).report
     Q = layer.self_attn.q_proj.weight.detach().double()
     err = lambda Q: float(((W - Q) @ H * (W - Q)).sum() / (W @ H * W).sum())  # noqa: E731
     assert report.linears[0].name == "model.layers.0.self_attn.q_proj"
@@ -107,7 +107,7 @@ def test_fp_trajectory_statistics_by_hand(tiny_model_dir):
 def test_asymmetric_methods_run_end_to_end(tiny_model_dir, method):
     model, _ = load_model(str(tiny_model_dir("qwen2", nonpow2=True)))
     report = calibrate(model, preset("w4a4kv4", "hadamard"), _calib(),
-                       CalibrationConfig(method=method, batch_size=4))
+                       CalibrationConfig(method=method, batch_size=4)).report
     assert report.method == method
     assert all(r.output_rel_err is not None and r.output_rel_err < 1 for r in report.linears)
     for layer in decoder_layers(model):

@@ -1,0 +1,53 @@
+"""The packed integer layout shared by the checkpoint formats, the vLLM plugin and the kernels.
+
+Integer codes of ``bits`` ≤ 8 are stored in containers of 4 bits (codes of 2 to 4 bits) or 8
+bits (5 to 8 bits), ``32 // container`` of them per int32 along the last axis, element j of each
+int32 in bits ``container·j`` and up (lowest index in the lowest bits). Signed codes
+q ∈ [−2^(b−1), 2^(b−1) − 1] are stored offset by 2^(container−1) (uint4b8 for int4), unsigned
+codes as they are. This is byte-identical to compressed-tensors' ``pack_to_int32`` for 4 and 8
+bits, so the same tensors serve the rotq format and compressed-tensors ``pack-quantized``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def container_bits(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"only 2..8-bit codes can be packed, got {bits}")
+    return 4 if bits <= 4 else 8
+
+
+def pack_factor(bits: int) -> int:
+    """Codes per int32."""
+    return 32 // container_bits(bits)
+
+
+def pack_int32(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Pack integer codes [..., K] (any integer or integral float dtype) into int32 [..., K / f]."""
+    c = container_bits(bits)
+    f = 32 // c
+    if codes.shape[-1] % f:
+        raise ValueError(f"the last dimension ({codes.shape[-1]}) must be a multiple of {f} to pack "
+                         f"{bits}-bit codes into int32")
+    u = codes.to(torch.int64) + (2 ** (c - 1) if signed else 0)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if u.numel() and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"codes outside the {'signed' if signed else 'unsigned'} {bits}-bit range "
+                         f"[{lo}, {hi}]")
+    u = u.reshape(*codes.shape[:-1], -1, f)
+    shifts = torch.arange(f, dtype=torch.int64, device=codes.device) * c
+    packed = (u << shifts).sum(-1)
+    # two's-complement wrap of the top nibble into int32's sign bit
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: int32 [..., K / f] → int32 codes [..., K]."""
+    c = container_bits(bits)
+    f = 32 // c
+    shifts = torch.arange(f, dtype=torch.int32, device=packed.device) * c
+    u = (packed.unsqueeze(-1) >> shifts) & (2**c - 1)
+    u = u.reshape(*packed.shape[:-1], packed.shape[-1] * f)
+    return u - 2 ** (c - 1) if signed else u
