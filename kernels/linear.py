@@ -1,0 +1,43 @@
+"""The quantized linear layer's arithmetic, in PyTorch: the reference that the Triton kernels
+must match and the path vLLM runs where they do not (CPU).
+
+``quantized_linear`` computes exactly what calibration simulated (``rotq.quant.online``):
+optional online Hadamard of the whole input row, dynamic per-token fake quantization, then a
+GEMM with the dequantized integer weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rotq.kernels.packing import unpack_int32
+from rotq.quant.hadamard import apply_hadamard
+from rotq.quant.quantizer import fake_quantize_activation
+from rotq.quant.scheme import ActivationArgs
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      bits: int, symmetric: bool) -> torch.Tensor:
+    """float32 weight [N, K] from packed codes [N, K / f] and scales (and zero points) [N, K / G]."""
+    codes = unpack_int32(packed, bits, signed=symmetric).float()
+    N, K = codes.shape
+    groups = scale.shape[-1]
+    codes = codes.reshape(N, groups, K // groups)
+    if zero_point is not None:
+        codes = codes - zero_point.float().unsqueeze(-1)
+    return (codes * scale.float().unsqueeze(-1)).reshape(N, K)
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     act: ActivationArgs | None, hadamard_size: int | None,
+                     input_slice: slice | None = None) -> torch.Tensor:
+    """y = Q_act(x H) Wᵀ + b. ``input_slice`` selects this rank's input columns after the
+    transform (tensor parallelism: x is the full row, ``weight`` holds the slice's columns)."""
+    if hadamard_size:
+        x = apply_hadamard(x, hadamard_size)
+    if act is not None:
+        x = fake_quantize_activation(x, act)
+    if input_slice is not None:
+        x = x[..., input_slice]
+    return F.linear(x, weight, bias)

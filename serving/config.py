@@ -1,0 +1,151 @@
+"""The "rotq" quantization method in vLLM: config parsing and the linear method.
+
+Thin glue: the scheme is parsed by ``rotq.quant.scheme`` (the one schema), the checkpoint
+layout is ``rotq.export.rotq_format``'s, and the arithmetic is ``rotq.kernels.linear``'s.
+Weights are declared with vLLM's parameter classes, so the stock loaders shard packed codes
+for merged QKV / gate-up and row-parallel layers under tensor parallelism.
+
+Tensor parallelism and the online ops: a per-token activation scale and the R4 Hadamard
+before down_proj span the whole input row, but a row-parallel layer (o_proj, down_proj) holds
+only K/tp of it. To compute exactly what calibration simulated, such a layer all-gathers its
+input over the TP group (when it quantizes activations or rotates online), transforms the full
+row, and keeps its own slice. Column-parallel layers see the full row already.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from rotq.kernels.linear import dequantize_packed, quantized_linear
+from rotq.kernels.packing import pack_factor
+from rotq.quant.scheme import Scheme
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "rotq"
+
+
+@register_quantization_config(QUANT_METHOD)
+class RotqConfig(QuantizationConfig):
+    """config.json["quantization_config"] of a rotq checkpoint, parsed and validated."""
+
+    def __init__(self, scheme: Scheme):
+        super().__init__()
+        self.scheme = scheme
+        if scheme.kv_cache is not None:
+            logger.warning(
+                "rotq: this checkpoint was calibrated with a %d-bit KV cache; this vLLM path keeps "
+                "the KV cache in 16 bits (R3 cancels in Q·Kᵀ, so the model stays exact otherwise)",
+                scheme.kv_cache.bits)
+
+    def __repr__(self) -> str:
+        return f"RotqConfig({self.scheme})"
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RotqConfig":
+        return cls(Scheme.from_dict(config))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            if ".layers." not in prefix or is_layer_skipped(
+                    prefix, list(self.scheme.ignore), self.packed_modules_mapping):
+                return UnquantizedLinearMethod()
+            return RotqLinearMethod(self.scheme, prefix)
+        return None
+
+
+@register_weight_loader_v2_supported_method
+class RotqLinearMethod(LinearMethodBase):
+    """Packed integer weights with per-channel or per-group scales; optional online R4 Hadamard
+    (down_proj) and dynamic per-token activation quantization before the GEMM."""
+
+    def __init__(self, scheme: Scheme, prefix: str):
+        self.scheme, self.prefix = scheme, prefix
+        self.online_hadamard = scheme.rotation.r4 and prefix.endswith("mlp.down_proj")
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        w = self.scheme.weights
+        weight_loader = extra_weight_attrs["weight_loader"]
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        group = w.group_size or input_size
+        f = pack_factor(w.bits)
+        if k % f or (w.group_size and k % group):
+            raise ValueError(
+                f"rotq: {self.prefix} has {k} input features per tensor-parallel rank, which must be "
+                f"a multiple of {f} (packing){'' if not w.group_size else f' and of the group size {group}'}; "
+                "choose a smaller tensor-parallel size")
+        layer.input_size, layer.input_size_per_partition = input_size, k
+        layer.rotq_dtype = params_dtype
+        layer.register_parameter("weight_packed", PackedvLLMParameter(
+            data=torch.empty(n, k // f, dtype=torch.int32), input_dim=1, output_dim=0,
+            packed_dim=1, packed_factor=f, weight_loader=weight_loader))
+        per_group = [("weight_scale", torch.float32)]
+        if not w.symmetric:
+            per_group.append(("weight_zero_point", torch.int32))
+        for name, dtype in per_group:
+            if w.group_size:
+                param = GroupQuantScaleParameter(data=torch.empty(n, k // group, dtype=dtype),
+                                                 input_dim=1, output_dim=0, weight_loader=weight_loader)
+            else:
+                param = ChannelQuantScaleParameter(data=torch.empty(n, 1, dtype=dtype), output_dim=0,
+                                                   weight_loader=weight_loader)
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer) -> None:
+        w = self.scheme.weights
+        zp = getattr(layer, "weight_zero_point", None)
+        weight = dequantize_packed(layer.weight_packed.data, layer.weight_scale.data,
+                                   None if zp is None else zp.data, w.bits, w.symmetric)
+        layer.register_buffer("weight_dequant", weight.to(layer.rotq_dtype), persistent=False)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        transform = self.scheme.activations is not None or self.online_hadamard
+        row_parallel = layer.input_size != layer.input_size_per_partition
+        hadamard = layer.input_size if self.online_hadamard else None
+        if transform and row_parallel:
+            return _row_parallel_apply(layer, x, bias, self.scheme, hadamard)
+        return quantized_linear(x, layer.weight_dequant, bias, self.scheme.activations, hadamard)
+
+
+def _row_parallel_apply(layer, x, bias, scheme, hadamard):
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        tensor_model_parallel_all_gather,
+    )
+
+    k = layer.input_size_per_partition
+    full = tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
+    rank = get_tensor_model_parallel_rank()
+    return quantized_linear(full, layer.weight_dequant, bias, scheme.activations, hadamard,
+                            input_slice=slice(rank * k, (rank + 1) * k))

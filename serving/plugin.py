@@ -1,0 +1,10 @@
+"""vLLM general plugin: makes quant_method "rotq" known in every vLLM process.
+
+Registered as entry point ``rotq`` in group ``vllm.general_plugins`` (pyproject.toml); vLLM
+calls :func:`register` once per process (front-end, engine core, each worker). Importing
+``rotq.serving.config`` runs ``@register_quantization_config("rotq")``; nothing is compiled.
+"""
+
+
+def register() -> None:
+    import rotq.serving.config  # noqa: F401  (registration happens at import)
