@@ -23,6 +23,8 @@ from rotq.quant.errors import RotqError
 
 logger = logging.getLogger("rotq")
 
+FORMATS = ("rotq", "compressed-tensors")
+
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -45,6 +47,7 @@ class QuantizeOptions:
     calib_act_quant: bool = True
     batch_size: int = 8
     device: str = "cpu"
+    format: str = "rotq"
 
 
 def _add_quantize(sub) -> None:
@@ -75,6 +78,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 8)")
     p.add_argument("--device", help="compute device for the current layer (default cpu)")
     p.add_argument("--report", type=Path, help="also write the calibration report JSON here")
+    p.add_argument("--format", help="rotq (default; the rotq vLLM plugin, every scheme) | compressed-tensors "
+                                    "(stock vLLM; symmetric W4A16/W4A4/W8A8 without KV quantization)")
 
 
 def _add_eval(sub) -> None:
@@ -187,12 +192,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from rotq.quant.methods import MethodOptions, check_method, needs_data
     from rotq.quant.models import load_model
     from rotq.export.atomic import check_output_dir
+    from rotq.export.compressed_tensors import check_exportable, save_compressed_tensors
     from rotq.export.rotq_format import save_rotq
     from rotq.quant.pipeline import CalibrationConfig, calibrate
 
     o = quantize_options(args)
     scheme = build_scheme(o)
     method = check_method(o.method)
+    if o.format not in FORMATS:
+        raise RotqError(f"unknown format {o.format!r}; choose one of {', '.join(FORMATS)}")
+    if o.format == "compressed-tensors":
+        check_exportable(scheme)
     check_output_dir(args.out)
     torch.manual_seed(o.seed)
     text = load_text(o.calib, "train") if needs_data(method) else None
@@ -211,7 +221,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = calibrate(model, scheme, calib_ids, cfg)
     report = result.report
     full_report = {"provenance": {"model": args.model, "options": dataclasses.asdict(o)}, **report.to_dict()}
-    save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report)
+    if o.format == "rotq":
+        save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report)
+    else:
+        save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out)
     if args.report is not None:
         args.report.write_text(json.dumps(full_report, indent=2) + "\n")
     print(f"wrote {args.out}: {o.scheme} {o.rotation} {o.method}, {report.seconds:.0f} s, "
