@@ -3,20 +3,22 @@ Hadamard rotation, the learning objective is the folded model's loss, learning l
 the learned rotation is saved, reused and checked."""
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rotq.quant.cli import main
 from rotq.quant.errors import RotqError
 from rotq.quant.models import load_model
 from rotq.quant.online import install_online_ops
 from rotq.quant.pipeline import CalibrationConfig, calibrate
 from rotq.quant.quantizer import fake_quantize_activation, fake_quantize_kv
 from rotq.quant.rotation import (
-    RotationMatrices, apply_rotations, fuse_norms, hadamard_rotations, load_rotations, orthogonality_error,
-    save_rotations,
+    ROTATIONS_FILE, RotationMatrices, apply_rotations, fuse_norms, hadamard_rotations, load_rotations,
+    orthogonality_error, save_rotations,
 )
 from rotq.quant.scheme import ActivationArgs, KVCacheArgs, Scheme, preset
 from rotq.quant.spinquant import SpinQuantOptions, cayley_step, learn_rotations, loss_and_gradients
@@ -198,6 +200,46 @@ def test_scheme_records_spinquant_and_fold_needs_the_matrices(tiny_model_dir):
     model, _ = load_model(str(tiny_model_dir("llama")))
     with pytest.raises(ValueError, match="pass them as `matrices`"):
         apply_rotations(model, SPIN.rotation)
+
+
+def test_cli_learns_saves_and_reuses_the_rotation(tiny_model_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Paris is the capital of France.\n" * 40)
+    model = str(tiny_model_dir("qwen2"))
+    common = ["--calib", str(text), "--nsamples", "2", "--seqlen", "32", "--method", "rtn",
+              "--rotation", "spinquant"]
+    out = tmp_path / "out"
+    assert main(["quantize", model, "-o", str(out), *common, "--rotation-steps", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["rotation"]["kind"] == "spinquant"
+    provenance = json.loads((out / "calibration_report.json").read_text())["provenance"]
+    assert provenance["rotations"]["source"] == "learned" and provenance["rotations"]["steps"] == 2
+    # vLLM loads every top-level *.safetensors of an unsharded checkpoint as weights
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert main(["eval", str(out), "--ppl", str(text), "--windows", "1", "--seqlen", "32"]) == 0
+    reuse = tmp_path / "reuse"
+    assert main(["quantize", model, "-o", str(reuse), *common,
+                 "--rotation-file", str(out / ROTATIONS_FILE)]) == 0
+    first, again = load_file(out / "model.safetensors"), load_file(reuse / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert torch.equal(load_file(out / ROTATIONS_FILE)["R1"], load_file(reuse / ROTATIONS_FILE)["R1"])
+    capsys.readouterr()
+    assert main(["quantize", model, "-o", str(tmp_path / "x"), "--rotation-steps", "2"]) == 2
+    assert "--rotation-steps: for --rotation spinquant only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_keys_and_zero_steps_through_the_cli(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("A rotation of the hidden state leaves the output of the network unchanged.\n" * 40)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rotation: spinquant\nrotation_steps: 0\nmethod: rtn\n")
+    model = str(tiny_model_dir("llama"))
+    common = ["--calib", str(text), "--nsamples", "2", "--seqlen", "32"]
+    assert main(["quantize", model, "-o", str(tmp_path / "spin"), *common, "--recipe", str(recipe)]) == 0
+    assert main(["quantize", model, "-o", str(tmp_path / "had"), *common, "--method", "rtn"]) == 0
+    spin, had = (load_file(tmp_path / d / "model.safetensors") for d in ("spin", "had"))
+    assert all(torch.equal(spin[k], had[k]) for k in had)
 
 
 def test_options_are_checked():
