@@ -14,6 +14,11 @@ versioned schema) with ``quant_method: "rotq"``; vLLM picks the plugin from it. 
 (embeddings, norms, lm_head, tokenizer, generation config) is a plain checkpoint. Tensors are
 sharded (``model-0000i-of-0000n.safetensors`` + index) above ``max_shard_size``. Loading
 checks every tensor's presence, dtype and shape and names the first one that is wrong.
+
+With learned rotations (kind "spinquant") OUT/spinquant/rotations.safetensors also holds the
+folded R1/R2 (``rotq.quant.rotation.save_rotations``), for reuse with ``--rotation-file``; it
+is not needed to run the model, and sits in a subdirectory because vLLM loads every
+``*.safetensors`` at the top of an unsharded checkpoint as model weights.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from rotq.kernels.packing import pack_factor, pack_int32, unpack_int32
 from rotq.quant.arch import decoder_layers, layer_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight
+from rotq.quant.rotation import ROTATIONS_FILE, RotationMatrices, save_rotations
 from rotq.quant.scheme import Scheme, SchemeError
 
 QUANT_METHOD = "rotq"
@@ -90,7 +96,8 @@ def dequantize_linear(prefix: str, tensors: dict[str, torch.Tensor], scheme: Sch
 
 
 def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Scheme, out: Path,
-              report: dict | None = None, max_shard_size: str = "5GB") -> None:
+              report: dict | None = None, max_shard_size: str = "5GB",
+              rotations: RotationMatrices | None = None) -> None:
     """Write the rotq checkpoint of a calibrated model atomically (see the module docstring)."""
     state = {k: v for k, v in model.state_dict().items()}
     names = quantized_linear_names(model)
@@ -112,6 +119,9 @@ def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Sch
         tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        if rotations is not None:
+            (tmp / ROTATIONS_FILE).parent.mkdir()
+            save_rotations(rotations, tmp / ROTATIONS_FILE)
 
 
 def is_rotq_checkpoint(path: str | Path) -> bool:

@@ -30,6 +30,9 @@ FORMATS = ("rotq", "compressed-tensors")
 class QuantizeOptions:
     scheme: str = "w4a4kv4"
     rotation: str = "hadamard"
+    rotation_steps: int | None = None  # spinquant: Cayley SGD steps (default: SpinQuantOptions)
+    rotation_lr: float | None = None  # spinquant: initial learning rate (cosine schedule)
+    rotation_file: str | None = None  # spinquant: reuse these R1/R2 instead of learning
     method: str = "gptq"
     calib: str = "wikisum"
     nsamples: int = 64
@@ -56,7 +59,13 @@ def _add_quantize(sub) -> None:
     p.add_argument("-o", "--out", required=True, type=Path, help="output directory (must not exist)")
     p.add_argument("--recipe", type=Path, help="YAML/JSON file with any of the options below")
     p.add_argument("--scheme", help="w4a4kv4 | w4a4 | w4a16 | w3a16 | w8a8 (default w4a4kv4)")
-    p.add_argument("--rotation", help="none | hadamard (default hadamard)")
+    p.add_argument("--rotation", help="none | hadamard | spinquant (default hadamard)")
+    p.add_argument("--rotation-steps", type=int,
+                   help="spinquant: Cayley SGD steps on the calibration data (default 100)")
+    p.add_argument("--rotation-lr", type=float,
+                   help="spinquant: initial learning rate, cosine decay (default 1.5)")
+    p.add_argument("--rotation-file", help="spinquant: reuse the R1/R2 of an earlier output's "
+                   "spinquant/rotations.safetensors instead of learning")
     p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
                    "such as gptaq+foem, qep+gptq (default gptq)")
     p.add_argument("--calib", help="wikisum | wikitext2 | PATH of a text file (default wikisum, train split)")
@@ -203,9 +212,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise RotqError(f"unknown format {o.format!r}; choose one of {', '.join(FORMATS)}")
     if o.format == "compressed-tensors":
         check_exportable(scheme)
+    learning = _spinquant_options(o)
     check_output_dir(args.out)
     torch.manual_seed(o.seed)
-    text = load_text(o.calib, "train") if needs_data(method) else None
+    text = load_text(o.calib, "train") if needs_data(method) or learning is not None else None
     model, tokenizer = load_model(args.model)
     _check_groups(model, scheme)
     _check_seqlen(model, o.seqlen)
@@ -213,16 +223,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if text is not None:
         ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
+    rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning)
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
         device=o.device, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
-    result = calibrate(model, scheme, calib_ids, cfg)
+    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations)
     report = result.report
-    full_report = {"provenance": {"model": args.model, "options": dataclasses.asdict(o)}, **report.to_dict()}
+    provenance = {"model": args.model, "options": dataclasses.asdict(o)}
+    if rotation_info is not None:
+        provenance["rotations"] = rotation_info
+    full_report = {"provenance": provenance, **report.to_dict()}
     if o.format == "rotq":
-        save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report)
+        save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report, rotations=rotations)
     else:
         save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out)
     if args.report is not None:
@@ -230,6 +244,48 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {o.scheme} {o.rotation} {o.method}, {report.seconds:.0f} s, "
           f"peak RSS {report.peak_rss_mb:.0f} MB")
     return 0
+
+
+def _spinquant_options(o: QuantizeOptions):
+    """SpinQuantOptions when R1/R2 are to be learned, None otherwise; checks the rotation flags."""
+    from rotq.quant.rotation import ROTATIONS_FILE
+    from rotq.quant.spinquant import SpinQuantOptions
+
+    given = [f"--{k.replace('_', '-')}" for k in ("rotation_steps", "rotation_lr", "rotation_file")
+             if getattr(o, k) is not None]
+    if o.rotation != "spinquant":
+        if given:
+            raise RotqError(f"{', '.join(given)}: for --rotation spinquant only, got --rotation {o.rotation}")
+        return None
+    if o.rotation_file is not None:
+        if len(given) > 1:
+            raise RotqError("--rotation-file reuses learned rotations, so --rotation-steps/--rotation-lr "
+                            "do not apply; give one or the other")
+        if not Path(o.rotation_file).is_file():
+            raise RotqError(f"rotation file {o.rotation_file} does not exist; pass OUT/{ROTATIONS_FILE} "
+                            f"of an earlier `rotq quantize --rotation spinquant` output")
+        return None
+    learn = {"steps": o.rotation_steps, "lr": o.rotation_lr}
+    return SpinQuantOptions(**{k: v for k, v in learn.items() if v is not None}, device=o.device)
+
+
+def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning):
+    """(R1/R2 to fold, provenance) for --rotation spinquant: learned, or read from --rotation-file."""
+    from rotq.quant.rotation import load_rotations
+    from rotq.quant.spinquant import learn_rotations
+
+    if o.rotation != "spinquant":
+        return None, None
+    if learning is None:
+        rotations = load_rotations(Path(o.rotation_file), model.config)
+        return rotations, {"source": "file", "file": o.rotation_file}
+    result = learn_rotations(model, scheme, calib_ids, learning)
+    losses = result.losses
+    info = {"source": "learned", "steps": learning.steps, "lr": learning.lr,
+            "samples_per_step": learning.samples_per_step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "seconds": round(result.seconds, 1)}
+    logger.info("learned R1/R2 in %d steps: loss %s -> %s", learning.steps, info["first_loss"], info["last_loss"])
+    return result.rotations, info
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ attention, after RoPE.
 Linear inputs are transformed by forward pre-hooks, so module names and state dicts stay
 Hugging Face's. Attention goes through an attention function registered with transformers as
 "rotq": it receives Q and K after RoPE (and the whole cache during generation, which it
-quantizes per token, so the result equals quantizing at write time).
+quantizes per token, so the result equals quantizing at write time). With ``ste=True`` the
+quantizers round straight through, for learning rotations through them (spinquant.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def rotq_attention(module, query, key, value, attention_mask, **kwargs):
         query, key = apply_hadamard(query), apply_hadamard(key)
     kv: KVCacheArgs | None = getattr(module, "rotq_kv", None)
     if kv is not None:
-        key, value = fake_quantize_kv(key, kv), fake_quantize_kv(value, kv)
+        ste = getattr(module, "rotq_ste", False)
+        key, value = fake_quantize_kv(key, kv, ste), fake_quantize_kv(value, kv, ste)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -40,22 +42,23 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 class InputTransform:
     """Forward pre-hook of a linear: optional online Hadamard, then per-token fake quantization."""
 
-    def __init__(self, act: ActivationArgs | None, hadamard_size: int | None = None):
-        self.act, self.hadamard_size = act, hadamard_size
+    def __init__(self, act: ActivationArgs | None, hadamard_size: int | None = None, ste: bool = False):
+        self.act, self.hadamard_size, self.ste = act, hadamard_size, ste
 
     def __call__(self, module: nn.Module, inputs: tuple):
         x = inputs[0]
         if self.hadamard_size:
             x = apply_hadamard(x, self.hadamard_size)
         if self.act is not None:
-            x = fake_quantize_activation(x, self.act)
+            x = fake_quantize_activation(x, self.act, self.ste)
         return (x, *inputs[1:])
 
 
-def install_online_ops(model: nn.Module, scheme: Scheme) -> None:
-    """Make ``model`` compute the scheme's online ops (idempotent: replaces earlier ones)."""
+def install_online_ops(model: nn.Module, scheme: Scheme, ste: bool = False) -> None:
+    """Make ``model`` compute the scheme's online ops (idempotent: replaces earlier ones);
+    ``ste``: straight-through rounding in the quantizers (same outputs, gradients pass)."""
     for layer in decoder_layers(model):
-        install_layer_ops(layer, scheme)
+        install_layer_ops(layer, scheme, ste)
     online_attention = scheme.rotation.r3 or scheme.kv_cache is not None
     model.set_attn_implementation(ATTN_IMPLEMENTATION if online_attention else "sdpa")
 
@@ -66,15 +69,16 @@ def remove_online_ops(model: nn.Module) -> None:
     model.set_attn_implementation("sdpa")
 
 
-def install_layer_ops(layer: nn.Module, scheme: Scheme) -> None:
+def install_layer_ops(layer: nn.Module, scheme: Scheme, ste: bool = False) -> None:
     """One decoder layer's share of :func:`install_online_ops` (the attention attributes only
     take effect under the "rotq" attention implementation)."""
     remove_layer_ops(layer)
     for name, lin in layer_linears(layer).items():
         had = lin.in_features if name == "mlp.down_proj" and scheme.rotation.r4 else None
         if scheme.activations is not None or had:
-            lin.register_forward_pre_hook(InputTransform(scheme.activations, had))
+            lin.register_forward_pre_hook(InputTransform(scheme.activations, had, ste))
     layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = scheme.rotation.r3, scheme.kv_cache
+    layer.self_attn.rotq_ste = ste
 
 
 def remove_layer_ops(layer: nn.Module) -> None:
@@ -84,4 +88,4 @@ def remove_layer_ops(layer: nn.Module) -> None:
         hooks = lin._forward_pre_hooks
         for key in [k for k, h in hooks.items() if isinstance(h, InputTransform)]:
             del hooks[key]
-    layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = False, None
+    layer.self_attn.rotq_r3, layer.self_attn.rotq_kv, layer.self_attn.rotq_ste = False, None, False

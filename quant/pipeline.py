@@ -28,7 +28,7 @@ from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.quantizer import QuantizedWeight
-from rotq.quant.rotation import apply_rotations, fuse_norms
+from rotq.quant.rotation import RotationMatrices, apply_rotations, fuse_norms
 from rotq.quant.scheme import Scheme
 
 logger = logging.getLogger(__name__)
@@ -78,25 +78,28 @@ class QuantizedModel:
     report: CalibrationReport
 
 
-def prepare_model(model: nn.Module, scheme: Scheme) -> None:
-    """Fold norms and offline rotations (when the scheme rotates) and install the online ops."""
+def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices | None = None) -> None:
+    """Fold norms and offline rotations (when the scheme rotates; ``rotations``: the learned
+    R1/R2 of kind "spinquant") and install the online ops."""
     if scheme.rotation.kind != "none":
         fuse_norms(model)
-        apply_rotations(model, scheme.rotation)
+        apply_rotations(model, scheme.rotation, rotations)
     install_online_ops(model, scheme)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
-              cfg: CalibrationConfig = CalibrationConfig()) -> QuantizedModel:
+              cfg: CalibrationConfig = CalibrationConfig(),
+              rotations: RotationMatrices | None = None) -> QuantizedModel:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
-    leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN."""
+    leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN;
+    ``rotations`` are the learned R1/R2 a "spinquant" scheme folds (spinquant.py)."""
     plan = parse_method(check_method(cfg.method))
     start = time.perf_counter()
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
     result = QuantizedModel(model, scheme, {}, report)
-    prepare_model(model, scheme)
+    prepare_model(model, scheme, rotations)
     if plan.needs_data:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} needs calibration data")

@@ -6,7 +6,9 @@ max|w| / (2^(b-1) - 0.5) on the grid [-2^(b-1), 2^(b-1) - 1] (compressed-tensors
 activations use clip * max|x| / (2^(b-1) - 1) (QuaRot); asymmetric quantizers stretch the range
 [min(x, 0), max(x, 0)] (times the clip ratio) over 2^b levels with an integer zero point.
 Every function here is pure torch and runs in the input's dtype; kernels and serving reuse them
-as their reference.
+as their reference. The activation and KV quantizers take ``ste=True`` for rotation learning
+(SpinQuant): the forward value is unchanged (bit for bit), but the rounding passes gradients
+straight through, so they reach the scale and the input.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ class Grid:
     scale: torch.Tensor
     zero_point: torch.Tensor | None
     bits: int
+    ste: bool = False  # straight-through rounding: identity gradient, same forward value
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x (as floats): signed when symmetric, unsigned otherwise."""
+        rnd = round_ste if self.ste else torch.round
         if self.zero_point is None:
             half = 2 ** (self.bits - 1)
-            return torch.clamp(torch.round(x / self.scale), -half, half - 1)
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, 2**self.bits - 1)
+            return torch.clamp(rnd(x / self.scale), -half, half - 1)
+        return torch.clamp(rnd(x / self.scale) + self.zero_point, 0, 2**self.bits - 1)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         if self.zero_point is None:
@@ -52,6 +56,13 @@ class Grid:
             return torch.clamp(x, -half * self.scale, (half - 1) * self.scale)
         top = 2**self.bits - 1
         return torch.clamp(x, -self.zero_point * self.scale, (top - self.zero_point) * self.scale)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity in the backward pass. The forward value equals
+    torch.round(x) exactly: round(x) - x is exact in floating point (Sterbenz), so adding x back
+    gives round(x) again."""
+    return x + (torch.round(x) - x).detach()
 
 
 def _range_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
@@ -133,20 +144,22 @@ def quantize_weight_rtn(W: torch.Tensor, args: WeightArgs) -> QuantizedWeight:
     return QuantizedWeight(codes, grid.scale.reshape(N, K // G), zp, G)
 
 
-def fake_quantize_activation(x: torch.Tensor, args: ActivationArgs) -> torch.Tensor:
-    """Quantize-dequantize each token (row of the last dim) of x."""
-    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio)
+def fake_quantize_activation(x: torch.Tensor, args: ActivationArgs, ste: bool = False) -> torch.Tensor:
+    """Quantize-dequantize each token (row of the last dim) of x; ``ste``: straight-through rounding."""
+    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio, ste)
 
 
-def fake_quantize_kv(x: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
+def fake_quantize_kv(x: torch.Tensor, args: KVCacheArgs, ste: bool = False) -> torch.Tensor:
     """Quantize-dequantize K or V [..., D] per (token, head): one grid per head vector."""
-    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio)
+    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio, ste)
 
 
-def _fake_quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: float) -> torch.Tensor:
+def _fake_quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: float,
+                        ste: bool = False) -> torch.Tensor:
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     xmin = torch.clamp(rows.min(dim=1, keepdim=True).values, max=0) * clip
     xmax = torch.clamp(rows.max(dim=1, keepdim=True).values, min=0) * clip
     grid = _range_grid(xmin, xmax, bits, symmetric, 2 ** (bits - 1) - 1)
+    grid.ste = ste
     return grid.fake_quantize(rows).reshape(shape)

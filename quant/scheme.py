@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from rotq.quant.errors import RotqError
 
 FORMAT_VERSION = 1
+# Adding a kind keeps version 1: every version-1 file still reads the same, and an older reader
+# refuses the new kind by name. R1/R2 are folded into the weights, so serving treats "spinquant"
+# exactly like "hadamard" (only r3/r4 run online).
+ROTATION_KINDS = ("none", "hadamard", "spinquant")
 
 
 class SchemeError(RotqError):
@@ -57,12 +61,14 @@ class KVCacheArgs:
 class RotationArgs:
     """What was folded offline and what must run online.
 
-    ``r1``/``r2`` are random Hadamards (signs from ``seed``) folded into the weights; ``r3`` is an
-    online Hadamard of size head_dim on Q and K after RoPE; ``r4`` an online Hadamard of size
-    intermediate_size on the input of down_proj (its transpose is folded into down_proj).
+    ``r1``/``r2`` are folded into the weights: random Hadamards (signs from ``seed``) for kind
+    "hadamard", orthogonal matrices learned from that same initialisation for kind "spinquant"
+    (stored beside the checkpoint, not needed to run it); ``r3`` is an online Hadamard of size
+    head_dim on Q and K after RoPE; ``r4`` an online Hadamard of size intermediate_size on the
+    input of down_proj (its transpose is folded into down_proj).
     """
 
-    kind: str = "none"  # "none" | "hadamard"
+    kind: str = "none"  # "none" | "hadamard" | "spinquant"
     r1: bool = False
     r2: bool = False
     r3: bool = False
@@ -72,6 +78,11 @@ class RotationArgs:
     @staticmethod
     def hadamard(seed: int = 0, online_qk: bool = True) -> "RotationArgs":
         return RotationArgs(kind="hadamard", r1=True, r2=True, r3=online_qk, r4=True, seed=seed)
+
+    @staticmethod
+    def spinquant(seed: int = 0, online_qk: bool = True) -> "RotationArgs":
+        """Learned R1/R2 (initialised from the Hadamards of ``seed``); R3/R4 stay Hadamards."""
+        return RotationArgs(kind="spinquant", r1=True, r2=True, r3=online_qk, r4=True, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -143,8 +154,9 @@ def _validate(s: Scheme) -> None:
             raise SchemeError(f"{name}.bits must be in 2..8 (use null for 16-bit), got {a.bits}")
         if not 0.0 < a.clip_ratio <= 1.0:
             raise SchemeError(f"{name}.clip_ratio must be in (0, 1], got {a.clip_ratio}")
-    if s.rotation.kind not in ("none", "hadamard"):
-        raise SchemeError(f"rotation.kind must be 'none' or 'hadamard', got {s.rotation.kind!r}")
+    if s.rotation.kind not in ROTATION_KINDS:
+        raise SchemeError(f"rotation.kind must be one of {', '.join(map(repr, ROTATION_KINDS))}, "
+                          f"got {s.rotation.kind!r}")
     if s.rotation.kind == "none" and any((s.rotation.r1, s.rotation.r2, s.rotation.r3, s.rotation.r4)):
         raise SchemeError("rotation.kind is 'none' but r1..r4 are set; use kind 'hadamard'")
 
@@ -164,9 +176,10 @@ def preset(name: str, rotation: str = "none", seed: int = 0) -> Scheme:
         raise SchemeError(f"unknown scheme {name!r}; choose one of {', '.join(PRESETS)}")
     if rotation == "none":
         rot = RotationArgs()
-    elif rotation == "hadamard":
+    elif rotation in ("hadamard", "spinquant"):
         # R3 only serves the KV quantizer: without KV4 it would be an online op for nothing
-        rot = RotationArgs.hadamard(seed, online_qk=PRESETS[name].kv_cache is not None)
+        make = RotationArgs.hadamard if rotation == "hadamard" else RotationArgs.spinquant
+        rot = make(seed, online_qk=PRESETS[name].kv_cache is not None)
     else:
-        raise SchemeError(f"unknown rotation {rotation!r}; choose 'none' or 'hadamard'")
+        raise SchemeError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATION_KINDS)}")
     return PRESETS[name].replace(rotation=rot)
