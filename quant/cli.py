@@ -51,6 +51,7 @@ class QuantizeOptions:
     batch_size: int = 8
     device: str = "cpu"
     format: str = "rotq"
+    trajectory_dir: str | None = None
 
 
 def _add_quantize(sub) -> None:
@@ -87,6 +88,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 8)")
     p.add_argument("--device", help="compute device for the current layer (default cpu)")
     p.add_argument("--report", type=Path, help="also write the calibration report JSON here")
+    p.add_argument("--trajectory-dir", help="keep the full-precision trajectory (gptaq, qep, rescomp) in a "
+                                            "memory-mapped file in this directory instead of RAM")
     p.add_argument("--format", help="rotq (default; the rotq vLLM plugin, every scheme) | compressed-tensors "
                                     "(stock vLLM; symmetric W4A16/W4A4/W8A8 without KV quantization)")
 
@@ -226,7 +229,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning)
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
-        device=o.device, options=MethodOptions(
+        device=o.device, trajectory_dir=o.trajectory_dir, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations)

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import resource
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
+from rotq.quant.errors import RotqError
 from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
@@ -43,6 +47,10 @@ class CalibrationConfig:
     act_quant_calibration: bool = True  # H sees activations/KV quantized as at inference
     batch_size: int = 8
     device: str = "cpu"
+    # Methods that need the full-precision trajectory keep a second copy of the calibration
+    # hidden states (nsamples x seqlen x hidden); with a directory it lives in a memory-mapped
+    # file there (deleted at once, freed when calibration ends) instead of in RAM. CPU only.
+    trajectory_dir: str | None = None
 
 
 @dataclass
@@ -126,7 +134,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory:
     model, scheme, report = result.model, result.scheme, result.report
     device = torch.device(cfg.device)
     inps = _embed(model, calib_ids, cfg.batch_size, device)
-    fp_inps = inps.clone() if fp_trajectory else None
+    fp_inps = _trajectory_buffer(inps, cfg.trajectory_dir) if fp_trajectory else None
     position_ids = torch.arange(calib_ids.shape[1], device=device).unsqueeze(0)
     rotary = model.model.rotary_emb.to(device)
     position_embeddings = rotary(inps[:1], position_ids)
@@ -149,6 +157,24 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory:
             _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
         layer.to("cpu")
         bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
+
+
+def _trajectory_buffer(inps: torch.Tensor, directory: str | None) -> torch.Tensor:
+    """A copy of ``inps``: in RAM, or in an unlinked memory-mapped file under ``directory``."""
+    if directory is None:
+        return inps.clone()
+    if inps.device.type != "cpu":
+        raise RotqError("the full-precision trajectory can live on disk only when calibrating on the CPU "
+                        "(--device cpu); drop --trajectory-dir")
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, prefix="rotq-fp-trajectory-", suffix=".bin")
+        os.close(fd)
+        buf = torch.from_file(name, shared=True, size=inps.numel(), dtype=inps.dtype).view_as(inps)
+        os.unlink(name)  # the mapping stays valid; the disk space is released with the tensor
+    except OSError as e:
+        raise RotqError(f"cannot keep the full-precision trajectory in {directory}: {e}") from None
+    return buf.copy_(inps)
 
 
 @torch.no_grad()

@@ -113,3 +113,16 @@ def test_asymmetric_methods_run_end_to_end(tiny_model_dir, method):
     for layer in decoder_layers(model):
         for lin in layer_linears(layer).values():
             assert max(len(torch.unique(row)) for row in lin.weight) <= 16
+
+
+def test_trajectory_on_disk_gives_the_same_weights(tiny_model_dir, tmp_path):
+    """--trajectory-dir only moves the full-precision hidden states into a memory-mapped file."""
+    weights = []
+    for directory in (None, str(tmp_path / "traj")):
+        model, _ = load_model(str(tiny_model_dir("llama")))
+        result = calibrate(model, preset("w4a4kv4", "hadamard"), _calib(),
+                           CalibrationConfig(method="gptaq", batch_size=4, trajectory_dir=directory))
+        weights.append({k: v.codes for k, v in result.weights.items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert list((tmp_path / "traj").iterdir()) == []  # the file is unlinked at once
