@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
-COMPENSATORS = ("gptaq", "foem", "qep", "rescomp", "gptaq+foem", "gptaq+rescomp")
+COMPENSATORS = ("gptaq", "gptaq+foem", "gptaq+rescomp", "qep", "foem", "rescomp")
 
 # (scheme, rotation, method); None = the full-precision model
 ROW_SETS = {
@@ -93,11 +93,15 @@ def main() -> None:
     p.add_argument("--wikisum-windows", type=int, default=16, help="wikisum test windows of 2048")
     p.add_argument("--wikitext2", type=Path, default=WIKITEXT2)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     a = p.parse_args()
     if not a.wikitext2.is_file():
         sys.exit(f"WikiText-2 test file not found at {a.wikitext2}; pass --wikitext2 PATH")
-    rows = []
+    rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
+    done = {(r["scheme"], r["rotation"], r["method"]) for r in rows}
     for row in ROW_SETS[a.rows]:
+        if (row or ("fp32", "-", "-")) in done:
+            continue
         with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").is_dir() else None) as tmp:
             rows.append(run_row(row, a, Path(tmp)))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
