@@ -41,3 +41,31 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if input_slice is not None:
         x = x[..., input_slice]
     return F.linear(x, weight, bias)
+
+
+def triton_supported(weight_bits: int, weight_symmetric: bool, act: ActivationArgs | None) -> bool:
+    """Whether :func:`quantized_linear_triton` covers a scheme: int4 symmetric weights with
+    16-bit activations or int4 symmetric per-token activations."""
+    return weight_bits == 4 and weight_symmetric and (act is None or (act.bits == 4 and act.symmetric))
+
+
+def quantized_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor | None, act: ActivationArgs | None,
+                            hadamard_size: int | None, input_slice: slice | None = None) -> torch.Tensor:
+    """:func:`quantized_linear` on the Triton kernels (packed int4 weights, no dequantized copy):
+    online Hadamard, then act_quant + w4a4_gemm, or w4a16_gemm for 16-bit activations."""
+    from rotq.kernels.int4_gemm import act_quant, w4a4_gemm, w4a16_gemm
+
+    if hadamard_size:
+        x = apply_hadamard(x, hadamard_size)
+    lead = x.shape[:-1]
+    if act is None:
+        if input_slice is not None:
+            x = x[..., input_slice]
+        y = w4a16_gemm(x, packed, scale)
+    else:
+        q, s = act_quant(x, act.clip_ratio)
+        if input_slice is not None:  # per-token scales came from the full row; keep our columns
+            q = q[:, input_slice.start // 2:input_slice.stop // 2].contiguous()
+        y = w4a4_gemm(q, s, packed, scale, out_dtype=x.dtype).reshape(*lead, -1)
+    return y if bias is None else y + bias

@@ -1,7 +1,9 @@
 """The "rotq" quantization method in vLLM: config parsing and the linear method.
 
 Thin glue: the scheme is parsed by ``rotq.quant.scheme`` (the one schema), the checkpoint
-layout is ``rotq.export.rotq_format``'s, and the arithmetic is ``rotq.kernels.linear``'s.
+layout is ``rotq.export.rotq_format``'s, and the arithmetic is ``rotq.kernels.linear``'s: on
+CUDA the Triton kernels on the packed int4 codes (int4 symmetric weights, 16-bit or int4
+symmetric activations), elsewhere the PyTorch reference on dequantized weights.
 Weights are declared with vLLM's parameter classes, so the stock loaders shard packed codes
 for merged QKV / gate-up and row-parallel layers under tensor parallelism.
 
@@ -32,7 +34,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from rotq.kernels.linear import dequantize_packed, quantized_linear
+from rotq.kernels.linear import dequantize_packed, quantized_linear, quantized_linear_triton, triton_supported
 from rotq.kernels.packing import pack_factor
 from rotq.quant.scheme import Scheme
 
@@ -124,6 +126,10 @@ class RotqLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         w = self.scheme.weights
+        layer.rotq_triton = layer.weight_packed.is_cuda and triton_supported(w.bits, w.symmetric,
+                                                                             self.scheme.activations)
+        if layer.rotq_triton:  # the kernels read the packed codes; no dequantized copy
+            return
         zp = getattr(layer, "weight_zero_point", None)
         weight = dequantize_packed(layer.weight_packed.data, layer.weight_scale.data,
                                    None if zp is None else zp.data, w.bits, w.symmetric)
@@ -133,19 +139,22 @@ class RotqLinearMethod(LinearMethodBase):
         transform = self.scheme.activations is not None or self.online_hadamard
         row_parallel = layer.input_size != layer.input_size_per_partition
         hadamard = layer.input_size if self.online_hadamard else None
+        input_slice = None
         if transform and row_parallel:
-            return _row_parallel_apply(layer, x, bias, self.scheme, hadamard)
-        return quantized_linear(x, layer.weight_dequant, bias, self.scheme.activations, hadamard)
+            x, input_slice = _gather_row(layer, x)
+        if layer.rotq_triton:
+            return quantized_linear_triton(x, layer.weight_packed, layer.weight_scale, bias,
+                                           self.scheme.activations, hadamard, input_slice)
+        return quantized_linear(x, layer.weight_dequant, bias, self.scheme.activations, hadamard, input_slice)
 
 
-def _row_parallel_apply(layer, x, bias, scheme, hadamard):
+def _gather_row(layer, x):
+    """The full input row of a row-parallel layer, and this rank's columns of it."""
     from vllm.distributed import (
         get_tensor_model_parallel_rank,
         tensor_model_parallel_all_gather,
     )
 
     k = layer.input_size_per_partition
-    full = tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
     rank = get_tensor_model_parallel_rank()
-    return quantized_linear(full, layer.weight_dequant, bias, scheme.activations, hadamard,
-                            input_slice=slice(rank * k, (rank + 1) * k))
+    return tensor_model_parallel_all_gather(x.contiguous(), dim=-1), slice(rank * k, (rank + 1) * k)

@@ -12,10 +12,14 @@ Directories are built once per session and shared: copy one before modifying it 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 TINY_VOCAB = 512
