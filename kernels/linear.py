@@ -53,18 +53,23 @@ def quantized_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.
                             bias: torch.Tensor | None, act: ActivationArgs | None,
                             hadamard_size: int | None, input_slice: slice | None = None) -> torch.Tensor:
     """:func:`quantized_linear` on the Triton kernels (packed int4 weights, no dequantized copy):
-    online Hadamard, then act_quant + w4a4_gemm, or w4a16_gemm for 16-bit activations."""
+    the online Hadamard fused with act_quant, then w4a4_gemm; or w4a16_gemm for 16-bit
+    activations."""
+    from rotq.kernels.hadamard import hadamard, hadamard_act_quant
     from rotq.kernels.int4_gemm import act_quant, w4a4_gemm, w4a16_gemm
 
-    if hadamard_size:
-        x = apply_hadamard(x, hadamard_size)
     lead = x.shape[:-1]
     if act is None:
+        if hadamard_size:
+            x = hadamard(x, hadamard_size)
         if input_slice is not None:
             x = x[..., input_slice]
         y = w4a16_gemm(x, packed, scale)
     else:
-        q, s = act_quant(x, act.clip_ratio)
+        if hadamard_size == x.shape[-1]:
+            q, s = hadamard_act_quant(x, act.clip_ratio)
+        else:
+            q, s = act_quant(hadamard(x, hadamard_size) if hadamard_size else x, act.clip_ratio)
         if input_slice is not None:  # per-token scales came from the full row; keep our columns
             q = q[:, input_slice.start // 2:input_slice.stop // 2].contiguous()
         y = w4a4_gemm(q, s, packed, scale, out_dtype=x.dtype).reshape(*lead, -1)

@@ -1,0 +1,120 @@
+"""Triton online Hadamard transform, alone or fused with per-token int4 quantization.
+
+Each program transforms one row of length n = K · P (P = 2^m, K = 1 or a Paley order; the
+matrices of ``rotq.quant.hadamard``): viewed as X [K, P], x (A ⊗ H_P) / √n = Aᵀ X H_P / √n,
+with H_P applied by m butterfly stages in registers (reshape / split / join) and Aᵀ by one
+``tl.dot`` in IEEE float32 (K padded to a power of two ≥ 16). The fused variant quantizes the
+transformed row like ``int4_gemm.act_quant`` without writing it back: the R4 rotation before
+down_proj and its activation quantizer in one pass over the activation.
+
+Reference: ``rotq.quant.hadamard.apply_hadamard`` (and ``int4_gemm.act_quant_reference``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from rotq.quant.hadamard import _base, _split
+
+_RINT = 12582912.0
+
+
+@triton.jit
+def _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n,
+                   KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
+    rk = tl.arange(0, KP)
+    rp = tl.arange(0, P)
+    x = tl.load(x_ptr + row * stride_x + rk[:, None] * P + rp[None, :], mask=rk[:, None] < K, other=0.0)
+    x = x.to(tl.float32)
+    for s in tl.static_range(LOG_P):
+        h: tl.constexpr = 1 << s
+        y = tl.permute(tl.reshape(x, (KP, P // (2 * h), 2, h)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (KP, P))
+    if HAS_A:
+        at = tl.load(at_ptr + rk[:, None] * KP + rk[None, :])
+        x = tl.dot(at, x, input_precision="ieee")
+    return x * inv_sqrt_n
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, y_ptr, at_ptr, K, stride_x, stride_y, inv_sqrt_n,
+                     KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
+    row = tl.program_id(0)
+    y = _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n, KP, P, LOG_P, HAS_A)
+    rk = tl.arange(0, KP)
+    rp = tl.arange(0, P)
+    tl.store(y_ptr + row * stride_y + rk[:, None] * P + rp[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=rk[:, None] < K)
+
+
+@triton.jit
+def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, at_ptr, K, stride_x, stride_q, inv_sqrt_n, clip,
+                           KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
+    row = tl.program_id(0)
+    y = _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n, KP, P, LOG_P, HAS_A)
+    scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * clip / 7.0
+    scale = tl.where(scale > 0, scale, 1.0)
+    tl.store(s_ptr + row, scale)
+    q = tl.minimum(tl.maximum(((y / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+    lo, hi = tl.split(tl.reshape(q, (KP, P // 2, 2)))
+    byte = lo.to(tl.int32) | (hi.to(tl.int32) << 4)
+    rk = tl.arange(0, KP)
+    rj = tl.arange(0, P // 2)
+    tl.store(q_ptr + row * stride_q + rk[:, None] * (P // 2) + rj[None, :], byte.to(tl.uint8),
+             mask=rk[:, None] < K)
+
+
+def _plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
+    split = _split(n)
+    if split is None:
+        raise ValueError(f"no Hadamard matrix of size {n} (need 2^m · K, K in 1, 12, 20, 28, 36, ...)")
+    k, p = split
+    if k > 1 and p < 16:
+        raise ValueError(f"Hadamard size {n} = {k} · {p}: the Triton kernel needs a power-of-two part ≥ 16")
+    kp = max(16, triton.next_power_of_2(k)) if k > 1 else 1
+    at = None
+    if k > 1:
+        at = torch.zeros(kp, kp, dtype=torch.float32)
+        at[:k, :k] = _base(k).T.float()
+        at = at.to(device)
+    return k, p, kp, at
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[-1] % n:
+        raise ValueError(f"Hadamard size {n} does not divide the last dimension {x.shape[-1]} of x")
+    return x.reshape(-1, n).contiguous()
+
+
+def hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """x @ (H_n / √n) along the last dim (block-diagonal when n divides it); x's dtype."""
+    n = n or x.shape[-1]
+    k, p, kp, at = _plan(n, x.device)
+    rows = _rows(x, n)
+    y = torch.empty_like(rows)
+    if rows.shape[0]:
+        _hadamard_kernel[(rows.shape[0],)](rows, y, at if at is not None else rows, k, rows.stride(0), y.stride(0),
+                                           1.0 / math.sqrt(n), KP=kp, P=p, LOG_P=p.bit_length() - 1,
+                                           HAS_A=at is not None)
+    return y.reshape(x.shape)
+
+
+def hadamard_act_quant(x: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant(hadamard(x))`` in one pass: packed int4 uint8 [M, n/2] and float32 scales [M]
+    for rows x [..., n] (the transform spans the whole row, as R4 does)."""
+    n = x.shape[-1]
+    k, p, kp, at = _plan(n, x.device)
+    rows = _rows(x, n)
+    M = rows.shape[0]
+    q = torch.empty(M, n // 2, dtype=torch.uint8, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        _hadamard_quant_kernel[(M,)](rows, q, s, at if at is not None else rows, k, rows.stride(0), q.stride(0),
+                                     1.0 / math.sqrt(n), float(clip_ratio), KP=kp, P=p,
+                                     LOG_P=p.bit_length() - 1, HAS_A=at is not None)
+    return q, s
