@@ -133,7 +133,7 @@ def _unpack_weight_tile(w_ptr, offs_n, k0, N, stride_w, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _w4a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_a, stride_w, stride_ws, stride_c,
-                 GROUP: tl.constexpr, GROUPED: tl.constexpr,
+                 M_BUCKET, GROUP: tl.constexpr, GROUPED: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,6 +162,25 @@ def _w4a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_a, stride_
     tl.store(c_ptr + offs_m[:, None] * stride_c + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+# CUDA: tile shapes autotuned per (M bucket, N, K); decode buckets favour narrow M tiles.
+_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+          for bm, bn, w, st in [(16, 64, 4, 4), (16, 128, 4, 4), (16, 256, 8, 3), (32, 128, 4, 4),
+                                (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (128, 256, 8, 3)]]
+_w4a4_tuned = triton.autotune(_TILES, key=["M_BUCKET", "N", "K"])(_w4a4_kernel)
+
+
+def _launch(kernel, tuned, M, N, blocks, args, **meta):
+    """The autotuned kernel on CUDA; fixed tiles by M elsewhere (the interpreter)."""
+    bucket = min(triton.next_power_of_2(max(M, 1)), 8192)
+    if args[0].is_cuda:
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))  # noqa: E731
+        tuned[grid](*args, bucket, **meta)
+    else:
+        BLOCK_M, BLOCK_N = blocks
+        kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](*args, bucket, BLOCK_M=BLOCK_M,
+                                                                   BLOCK_N=BLOCK_N, **meta)
+
+
 def w4a4_gemm(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
               out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """[M, N] = dequant(a) @ dequant(w)ᵀ from act_quant's output and packed int4 weights.
@@ -184,17 +203,16 @@ def w4a4_gemm(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Ten
         raise ValueError(f"K = {K} must be a multiple of 16 for w4a4_gemm")
     c = torch.empty(M, N, dtype=out_dtype, device=a_packed.device)
     ws = w_scale.float().contiguous()
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     if M:
-        _w4a4_kernel[grid](a_packed, a_scale, w_packed, ws, c, M, N, K, a_packed.stride(0), w_packed.stride(0),
-                           ws.stride(0), c.stride(0), GROUP=G, GROUPED=grouped,
-                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        _launch(_w4a4_kernel, _w4a4_tuned, M, N, (BLOCK_M, BLOCK_N),
+                (a_packed, a_scale, w_packed, ws, c, M, N, K, a_packed.stride(0), w_packed.stride(0),
+                 ws.stride(0), c.stride(0)), GROUP=G, GROUPED=grouped, BLOCK_K=BLOCK_K)
     return c
 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_x, stride_w, stride_ws, stride_c,
-                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,6 +226,9 @@ def _w4a16_kernel(x_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_x, stride_w, stri
         acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(c_ptr + offs_m[:, None] * stride_c + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_w4a16_tuned = triton.autotune(_TILES, key=["M_BUCKET", "N", "K"])(_w4a16_kernel)
 
 
 def w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -225,7 +246,7 @@ def w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor) -
     c = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws = w_scale.float().contiguous()
     if M:
-        _w4a16_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
-            x2, w_packed, ws, c, M, N, K, x2.stride(0), w_packed.stride(0), ws.stride(0), c.stride(0),
-            GROUP=G, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        _launch(_w4a16_kernel, _w4a16_tuned, M, N, (BLOCK_M, BLOCK_N),
+                (x2, w_packed, ws, c, M, N, K, x2.stride(0), w_packed.stride(0), ws.stride(0), c.stride(0)),
+                GROUP=G, BLOCK_K=BLOCK_K)
     return c.reshape(*x.shape[:-1], N)
