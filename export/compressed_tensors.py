@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from rotq.export.atomic import atomic_directory
-from rotq.export.rotq_format import linear_tensors, quantized_linear_names
+from rotq.export.checkpoint import packed_state, write_checkpoint
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
 from rotq.quant.quantizer import QuantizedWeight
@@ -72,24 +71,14 @@ def save_compressed_tensors(model, weights: dict[str, QuantizedWeight], tokenize
                             out, max_shard_size: str = "5GB") -> None:
     """Write the calibrated model as a compressed-tensors checkpoint, atomically."""
     check_exportable(scheme)
-    state = dict(model.state_dict())
-    r4 = None
-    if scheme.rotation.r4:
-        r4 = hadamard_matrix(model.config.intermediate_size, torch.float32)
-    for name in quantized_linear_names(model):
-        del state[f"{name}.weight"]
-        qw = weights[name]
-        state.update(linear_tensors(name, qw, scheme.weights.bits, symmetric=True))
-        state[f"{name}.weight_shape"] = torch.tensor(list(qw.codes.shape), dtype=torch.int64)
+    r4 = hadamard_matrix(model.config.intermediate_size, torch.float32) if scheme.rotation.r4 else None
+
+    def extra(name, qw):
+        out = {f"{name}.weight_shape": torch.tensor(list(qw.codes.shape), dtype=torch.int64)}
         if r4 is not None and name.endswith("mlp.down_proj"):
-            state[f"{name}.{R4_SCHEME}_input.weight"] = r4.clone()  # vLLM divides by sqrt(n) at load
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_directory(out) as tmp:
-        model.config.quantization_config = quantization_config(scheme)
-        try:
-            model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
-        finally:
-            del model.config.quantization_config
-        tokenizer.save_pretrained(tmp)
+            out[f"{name}.{R4_SCHEME}_input.weight"] = r4.clone()  # vLLM divides by sqrt(n) at load
+        return out
+
+    state = packed_state(model, weights, scheme, extra)
+    with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size):
+        pass

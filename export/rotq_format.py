@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rotq.export.atomic import atomic_directory
-from rotq.kernels.packing import pack_factor, pack_int32, unpack_int32
-from rotq.quant.arch import decoder_layers, layer_linears
+from rotq.export.checkpoint import packed_state, quantized_linear_names, write_checkpoint
+from rotq.kernels.packing import pack_factor, unpack_int32
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight
 from rotq.quant.rotation import ROTATIONS_FILE, RotationMatrices, save_rotations
@@ -43,28 +42,6 @@ REPORT = "calibration_report.json"
 
 def quantization_config(scheme: Scheme) -> dict:
     return {"quant_method": QUANT_METHOD, **scheme.to_dict()}
-
-
-def quantized_linear_names(model) -> list[str]:
-    """Module names of the linears a scheme quantizes (every decoder-layer linear)."""
-    return [f"model.layers.{i}.{name}" for i, layer in enumerate(decoder_layers(model))
-            for name in layer_linears(layer)]
-
-
-def linear_tensors(prefix: str, qw: QuantizedWeight, bits: int, symmetric: bool) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized linear (see the module docstring)."""
-    if bits > 8:
-        raise RotqError(f"{prefix}: {bits}-bit weights cannot be exported packed; the rotq format "
-                        "stores 2..8-bit weights (use a 16-bit model for unquantized weights)")
-    N, K = qw.codes.shape
-    if K % pack_factor(bits):
-        raise RotqError(f"{prefix}: input size {K} is not a multiple of {pack_factor(bits)}, "
-                        f"so its {bits}-bit codes cannot be packed into int32")
-    out = {f"{prefix}.weight_packed": pack_int32(qw.codes, bits, signed=symmetric),
-           f"{prefix}.weight_scale": qw.scale.reshape(N, K // qw.group_size).float().contiguous()}
-    if not symmetric:
-        out[f"{prefix}.weight_zero_point"] = qw.zero_point.reshape(N, -1).round().to(torch.int32)
-    return out
 
 
 def dequantize_linear(prefix: str, tensors: dict[str, torch.Tensor], scheme: Scheme,
@@ -99,24 +76,8 @@ def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Sch
               report: dict | None = None, max_shard_size: str = "5GB",
               rotations: RotationMatrices | None = None) -> None:
     """Write the rotq checkpoint of a calibrated model atomically (see the module docstring)."""
-    state = {k: v for k, v in model.state_dict().items()}
-    names = quantized_linear_names(model)
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise RotqError(f"no quantized weights for {missing[0]} (and {len(missing) - 1} more)")
-    for name in names:
-        del state[f"{name}.weight"]
-        state.update(linear_tensors(name, weights[name], scheme.weights.bits, scheme.weights.symmetric))
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_directory(out) as tmp:
-        model.config.quantization_config = quantization_config(scheme)
-        try:
-            model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
-        finally:
-            del model.config.quantization_config
-        tokenizer.save_pretrained(tmp)
+    state = packed_state(model, weights, scheme)
+    with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size) as tmp:
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if rotations is not None:

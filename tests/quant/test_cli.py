@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rotq.quant.cli import load_for_eval, main
 from rotq.quant.data import eval_windows, load_text, tokenize_text
