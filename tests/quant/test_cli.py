@@ -112,6 +112,15 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(["eval", str(model), "--ppl", str(text_file), "--seqlen", "4096"], capsys, "max_position_embeddings")
     _bad(_quantize_args(model, out, text_file, "--seqlen", "100000"), capsys, "max_position_embeddings")
     _bad(["quantize", str(model)], capsys, "-o/--out")
+    _bad(_quantize_args(model, out, text_file, "--format", "gguf"), capsys, "unknown format 'gguf'")
+    _bad(["serve", str(tmp_path)], capsys, "not a checkpoint directory")
+    _bad(["eval", str(model), "--ppl", str(text_file), "--engine", "vllm", "--tp", "0"], capsys,
+         "--tp must be positive")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "rotq",
+                                                                            "format_version": 7}}))
+    _bad(["serve", str(broken)], capsys, "format_version is 7")
 
 
 def test_console_script_exit_status(tmp_path):
