@@ -23,7 +23,7 @@ def measure(model: str, a: argparse.Namespace) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from rotq.quant.models import resolve_model_dir
-    from rotq.serving.engine import EngineOptions, make_engine
+    from rotq.serving.engine import EngineOptions, close_engine, make_engine
 
     path = str(resolve_model_dir(model))
     t0 = time.perf_counter()
@@ -41,7 +41,7 @@ def measure(model: str, a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     llm.generate(prompts[:1], params, use_tqdm=False)
     single = time.perf_counter() - t0
-    del llm
+    close_engine(llm)
     return {"model": model, "startup_s": startup, "elapsed_s": elapsed,
             "output_tokens_per_s": a.num_prompts * a.output_len / elapsed,
             "total_tokens_per_s": a.num_prompts * (a.input_len + a.output_len) / elapsed,

@@ -321,7 +321,7 @@ def _vllm_eval(args: argparse.Namespace, text: str):
     from rotq.export.rotq_format import is_rotq_checkpoint, read_scheme
     from rotq.quant.data import eval_windows, tokenize_text
     from rotq.quant.models import resolve_model_dir
-    from rotq.serving.engine import EngineOptions, make_engine, vllm_perplexity
+    from rotq.serving.engine import EngineOptions, close_engine, make_engine, vllm_perplexity
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     model_dir = resolve_model_dir(args.model)
@@ -334,7 +334,10 @@ def _vllm_eval(args: argparse.Namespace, text: str):
     windows = eval_windows(tokenize_text(AutoTokenizer.from_pretrained(model_dir), text), args.windows,
                            args.seqlen)
     llm = make_engine(str(model_dir), EngineOptions(tensor_parallel_size=args.tp, max_model_len=args.seqlen + 1))
-    return vllm_perplexity(llm, windows), quantized
+    try:
+        return vllm_perplexity(llm, windows), quantized
+    finally:
+        close_engine(llm)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

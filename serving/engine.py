@@ -79,3 +79,9 @@ def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[i
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     return [list(r.outputs[0].token_ids) for r in results]
+
+
+def close_engine(llm) -> None:
+    """Stop the engine's processes now (instead of at garbage collection, when vLLM's monitor
+    thread may log into closed streams)."""
+    llm.llm_engine.engine_core.shutdown()

@@ -30,7 +30,13 @@ pytest.importorskip("vllm")
 
 from rotq.export.rotq_format import load_rotq  # noqa: E402
 from rotq.quant.cli import main  # noqa: E402
-from rotq.serving.engine import EngineOptions, greedy_tokens, make_engine, prompt_logprobs  # noqa: E402
+from rotq.serving.engine import (  # noqa: E402
+    EngineOptions,
+    close_engine,
+    greedy_tokens,
+    make_engine,
+    prompt_logprobs,
+)
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city "
         "of France. A rotation of the hidden state leaves the output of the network unchanged. ") * 60
@@ -80,7 +86,7 @@ def test_tiny_w4a4_matches_reference(tiny_w4a4, tp):
     assert greedy_tokens(llm, prompts, 12) == ref_tokens
     lp = torch.stack(prompt_logprobs(llm, windows))
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=2e-4)
-    del llm
+    close_engine(llm)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +105,7 @@ def test_smollm2_greedy_tokens_match_reference(smollm2_w4a16):
     ref = _reference_greedy(model, prompts, 16)
     llm = make_engine(str(smollm2_w4a16), EngineOptions(max_model_len=256, kv_cache_memory_bytes=32 << 20))
     assert greedy_tokens(llm, prompts, 16) == ref
-    del llm
+    close_engine(llm)
 
 
 @pytest.mark.slow
