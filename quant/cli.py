@@ -24,6 +24,13 @@ from rotq.quant.errors import RotqError
 logger = logging.getLogger("rotq")
 
 FORMATS = ("rotq", "compressed-tensors")
+# Chosen from the ablation in benchmarks/RESULTS.md: with activation (and KV) quantization the
+# asymmetric GPTAQ beats GPTQ; weight-only schemes keep GPTQ until their rows are measured.
+DEFAULT_METHOD = {"quantized activations": "gptaq", "16-bit activations": "gptq"}
+
+
+def default_method(scheme) -> str:
+    return DEFAULT_METHOD["quantized activations" if scheme.activations is not None else "16-bit activations"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class QuantizeOptions:
     rotation_steps: int | None = None  # spinquant: Cayley SGD steps (default: SpinQuantOptions)
     rotation_lr: float | None = None  # spinquant: initial learning rate (cosine schedule)
     rotation_file: str | None = None  # spinquant: reuse these R1/R2 instead of learning
-    method: str = "gptq"
+    method: str | None = None  # None: DEFAULT_METHOD by whether the scheme quantizes activations
     calib: str = "wikisum"
     nsamples: int = 64
     seqlen: int = 1024
@@ -68,7 +75,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--rotation-file", help="spinquant: reuse the R1/R2 of an earlier output's "
                    "spinquant/rotations.safetensors instead of learning")
     p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
-                   "such as gptaq+foem, qep+gptq (default gptq)")
+                   "such as gptaq+foem, qep+gptq (default: gptaq when activations are quantized, else gptq)")
     p.add_argument("--calib", help="wikisum | wikitext2 | PATH of a text file (default wikisum, train split)")
     p.add_argument("--nsamples", type=int, help="calibration sequences (default 64)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 1024)")
@@ -210,7 +217,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     o = quantize_options(args)
     scheme = build_scheme(o)
-    method = check_method(o.method)
+    method = check_method(o.method or default_method(scheme))
     if o.format not in FORMATS:
         raise RotqError(f"unknown format {o.format!r}; choose one of {', '.join(FORMATS)}")
     if o.format == "compressed-tensors":
@@ -234,7 +241,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations)
     report = result.report
-    provenance = {"model": args.model, "options": dataclasses.asdict(o)}
+    provenance = {"model": args.model, "options": dataclasses.asdict(o) | {"method": method}}
     if rotation_info is not None:
         provenance["rotations"] = rotation_info
     full_report = {"provenance": provenance, **report.to_dict()}
@@ -244,7 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out)
     if args.report is not None:
         args.report.write_text(json.dumps(full_report, indent=2) + "\n")
-    print(f"wrote {args.out}: {o.scheme} {o.rotation} {o.method}, {report.seconds:.0f} s, "
+    print(f"wrote {args.out}: {o.scheme} {o.rotation} {method}, {report.seconds:.0f} s, "
           f"peak RSS {report.peak_rss_mb:.0f} MB")
     return 0
 
