@@ -30,7 +30,8 @@ import torch
 from safetensors import safe_open
 
 from rotq.export.checkpoint import packed_state, quantized_linear_names, write_checkpoint
-from rotq.kernels.packing import pack_factor, unpack_int32
+from rotq.kernels.linear import dequantize_packed
+from rotq.kernels.packing import pack_factor
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight
 from rotq.quant.rotation import ROTATIONS_FILE, RotationMatrices, save_rotations
@@ -64,12 +65,9 @@ def dequantize_linear(prefix: str, tensors: dict[str, torch.Tensor], scheme: Sch
             raise RotqError(f"checkpoint tensor {name} has shape {tuple(t.shape)} {t.dtype}, expected "
                             f"{shape}{'' if dtype is None else f' {dtype}'} for a {out_features} x "
                             f"{in_features} linear with this scheme")
-    codes = unpack_int32(tensors[f"{prefix}.weight_packed"], w.bits, signed=w.symmetric).float()
-    scale = tensors[f"{prefix}.weight_scale"].float()
-    codes = codes.reshape(out_features, in_features // G, G)
-    if not w.symmetric:
-        codes = codes - tensors[f"{prefix}.weight_zero_point"].float().unsqueeze(-1)
-    return (codes * scale.unsqueeze(-1)).reshape(out_features, in_features)
+    return dequantize_packed(tensors[f"{prefix}.weight_packed"], tensors[f"{prefix}.weight_scale"],
+                             None if w.symmetric else tensors[f"{prefix}.weight_zero_point"], w.bits,
+                             w.symmetric)
 
 
 def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Scheme, out: Path,
