@@ -24,9 +24,10 @@ from rotq.quant.errors import RotqError
 logger = logging.getLogger("rotq")
 
 FORMATS = ("rotq", "compressed-tensors")
-# Chosen from the ablation in benchmarks/RESULTS.md: with activation (and KV) quantization the
-# asymmetric GPTAQ beats GPTQ; weight-only schemes keep GPTQ until their rows are measured.
-DEFAULT_METHOD = {"quantized activations": "gptaq", "16-bit activations": "gptq"}
+# Chosen from the ablation in benchmarks/RESULTS.md: with activation (and KV) quantization QEP's
+# pre-correction + GPTQ was best (GPTAQ close behind); weight-only schemes keep GPTQ until their
+# rows are measured.
+DEFAULT_METHOD = {"quantized activations": "qep+gptq", "16-bit activations": "gptq"}
 
 
 def default_method(scheme) -> str:
@@ -75,7 +76,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--rotation-file", help="spinquant: reuse the R1/R2 of an earlier output's "
                    "spinquant/rotations.safetensors instead of learning")
     p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
-                   "such as gptaq+foem, qep+gptq (default: gptaq when activations are quantized, else gptq)")
+                   "such as gptaq+foem, qep+gptq (default: qep+gptq when activations are quantized, else gptq)")
     p.add_argument("--calib", help="wikisum | wikitext2 | PATH of a text file (default wikisum, train split)")
     p.add_argument("--nsamples", type=int, help="calibration sequences (default 64)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 1024)")

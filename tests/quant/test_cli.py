@@ -39,7 +39,7 @@ def test_quantize_then_eval_through_the_cli(tiny_model_dir, text_file, tmp_path,
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "rotq" and qc["kv_cache"]["bits"] == 4
     report = json.loads((out / "calibration_report.json").read_text())
-    assert report["provenance"]["options"]["method"] == "gptaq"  # the W4A4KV4 default
+    assert report["provenance"]["options"]["method"] == "qep+gptq"  # the W4A4KV4 default
 
     ppl_json = tmp_path / "ppl.json"
     assert main(["eval", str(out), "--ppl", str(text_file), "--windows", "2", "--seqlen", "32",
