@@ -23,7 +23,7 @@ WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 COMPENSATORS = ("gptaq", "gptaq+foem", "gptaq+rescomp", "qep", "foem", "rescomp")
 
-# (scheme, rotation, method); None = the full-precision model
+# (scheme, rotation, method[, extra `rotq quantize` flags]); None = the full-precision model
 ROW_SETS = {
     "foundation": [
         None,
@@ -36,6 +36,8 @@ ROW_SETS = {
     "compensators-w4a4kv4-hadamard": [
         ("w4a4kv4", "hadamard", m) for m in COMPENSATORS],
     "compensators-w3a16": [("w3a16", "none", m) for m in COMPENSATORS],
+    # issue 5: the activation-error levers on top of the best compensator
+    "levers-w4a4kv4": [("w4a4kv4", "hadamard", "qep+gptq", ("--a-clip", "auto"))],
 }
 
 
@@ -54,14 +56,15 @@ def _ppl(model: str, data: str, windows: int, seqlen: int, tmp: Path) -> float:
 def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
     model, result = a.model, {"scheme": "fp32", "rotation": "-", "method": "-"}
     if row is not None:
-        scheme, rotation, method = row
+        scheme, rotation, method, *extra = row
+        extra = tuple(extra[0]) if extra else ()
         model, report = str(tmp / "q"), tmp / "report.json"
         t0 = time.perf_counter()
         _rotq("quantize", a.model, "-o", model, "--scheme", scheme, "--rotation", rotation,
               "--method", method, "--calib", "wikisum", "--nsamples", str(a.nsamples),
-              "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--report", str(report))
+              "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--report", str(report), *extra)
         rep = json.loads(report.read_text())
-        result = {"scheme": scheme, "rotation": rotation, "method": method,
+        result = {"scheme": scheme, "rotation": rotation, "method": _label(method, extra),
                   "calib_seconds": rep["seconds"], "quantize_wall_seconds": time.perf_counter() - t0,
                   "peak_rss_mb": rep["peak_rss_mb"]}
     result["wikitext2"] = _ppl(model, str(a.wikitext2), a.windows, 2048, tmp)
@@ -69,6 +72,17 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
     if row is not None:
         subprocess.run(["rm", "-rf", model], check=True)
     return result
+
+
+def _label(method: str, extra: tuple[str, ...]) -> str:
+    return " ".join((method, *extra))
+
+
+def _key(row) -> tuple[str, str, str]:
+    if row is None:
+        return ("fp32", "-", "-")
+    scheme, rotation, method, *extra = row
+    return (scheme, rotation, _label(method, tuple(extra[0]) if extra else ()))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -100,7 +114,7 @@ def main() -> None:
     rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
     done = {(r["scheme"], r["rotation"], r["method"]) for r in rows}
     for row in ROW_SETS[a.rows]:
-        if (row or ("fp32", "-", "-")) in done:
+        if _key(row) in done:
             continue
         with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").is_dir() else None) as tmp:
             rows.append(run_row(row, a, Path(tmp)))

@@ -50,7 +50,7 @@ class QuantizeOptions:
     w_group_size: int | None = None
     w_asym: bool | None = None
     w_clip_max_shrink: float | None = None
-    a_clip: float | None = None
+    a_clip: float | str | None = None  # a ratio, or "auto": fitted on the calibration data
     kv_clip: float | None = None
     act_order: bool = True
     percdamp: float = 0.01
@@ -86,7 +86,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--w-asym", action=argparse.BooleanOptionalAction, help="asymmetric weights")
     p.add_argument("--w-clip-max-shrink", type=float,
                    help="override: clip search tries range shrinks p in [1 - this, 1] (default 0.8)")
-    p.add_argument("--a-clip", type=float, help="override: activation clip ratio")
+    p.add_argument("--a-clip", help="activation clip ratio in (0, 1] (default 0.9), or auto: the ratio "
+                   "with the lowest loss on the calibration data, weights in full precision")
     p.add_argument("--kv-clip", type=float, help="override: KV-cache clip ratio")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, help="GPTQ act-order (default on)")
     p.add_argument("--percdamp", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
@@ -175,11 +176,27 @@ def build_scheme(o: QuantizeOptions):
         clip_max_shrink=o.w_clip_max_shrink if o.w_clip_max_shrink is not None else w.clip_max_shrink,
     )
     changes = {"weights": w}
-    if o.a_clip is not None and scheme.activations is not None:
-        changes["activations"] = dataclasses.replace(scheme.activations, clip_ratio=o.a_clip)
+    a_clip = _activation_clip(o.a_clip)
+    if a_clip is not None and scheme.activations is None:
+        raise RotqError(f"--a-clip applies to schemes that quantize activations; {o.scheme} keeps them 16-bit")
+    if isinstance(a_clip, float):
+        changes["activations"] = dataclasses.replace(scheme.activations, clip_ratio=a_clip)
     if o.kv_clip is not None and scheme.kv_cache is not None:
         changes["kv_cache"] = dataclasses.replace(scheme.kv_cache, clip_ratio=o.kv_clip)
     return scheme.replace(**changes)
+
+
+def _activation_clip(value) -> float | str | None:
+    """--a-clip: None, "auto", or a ratio in (0, 1]."""
+    if value is None or value == "auto":
+        return value
+    try:
+        clip = float(value)
+    except (TypeError, ValueError):
+        clip = None
+    if clip is None or not 0 < clip <= 1:
+        raise RotqError(f"--a-clip must be a ratio in (0, 1] or auto, got {value!r}")
+    return clip
 
 
 def _check_groups(model, scheme) -> None:
@@ -214,6 +231,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from rotq.export.atomic import check_output_dir
     from rotq.export.compressed_tensors import check_exportable, save_compressed_tensors
     from rotq.export.rotq_format import save_rotq
+    from rotq.quant.act_clip import ClipSearchOptions
     from rotq.quant.pipeline import CalibrationConfig, calibrate
 
     o = quantize_options(args)
@@ -226,7 +244,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     learning = _spinquant_options(o)
     check_output_dir(args.out)
     torch.manual_seed(o.seed)
-    text = load_text(o.calib, "train") if needs_data(method) or learning is not None else None
+    fit_clip = o.a_clip == "auto"
+    text = load_text(o.calib, "train") if needs_data(method) or learning is not None or fit_clip else None
     model, tokenizer = load_model(args.model)
     _check_groups(model, scheme)
     _check_seqlen(model, o.seqlen)
@@ -237,11 +256,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning)
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
-        device=o.device, trajectory_dir=o.trajectory_dir, options=MethodOptions(
+        device=o.device, trajectory_dir=o.trajectory_dir,
+        act_clip_search=ClipSearchOptions() if fit_clip else None, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations)
-    report = result.report
+    scheme, report = result.scheme, result.report
     provenance = {"model": args.model, "options": dataclasses.asdict(o) | {"method": method}}
     if rotation_info is not None:
         provenance["rotations"] = rotation_info

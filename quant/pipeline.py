@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rotq.quant.act_clip import ClipSearchOptions, search_activation_clip, with_activation_clip
 from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.hessian import group_statistics
@@ -51,6 +52,9 @@ class CalibrationConfig:
     # hidden states (nsamples x seqlen x hidden); with a directory it lives in a memory-mapped
     # file there (deleted at once, freed when calibration ends) instead of in RAM. CPU only.
     trajectory_dir: str | None = None
+    # Fit the activation clip ratio on the calibration data before calibrating (act_clip.py);
+    # None keeps the scheme's ratio.
+    act_clip_search: ClipSearchOptions | None = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class CalibrationReport:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     linears: list[LinearReport] = field(default_factory=list)
+    act_clip_search: dict | None = None  # ClipSearchResult.to_dict() when the ratio was fitted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +83,8 @@ class CalibrationReport:
 @dataclass
 class QuantizedModel:
     """What export needs: the rotated model (quantized linears hold their dequantized values),
-    its scheme, and the integer form of every quantized linear, by module name."""
+    its scheme (with any fitted activation clip ratio), and the integer form of every quantized
+    linear, by module name."""
 
     model: nn.Module
     scheme: Scheme
@@ -108,6 +114,11 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     report = CalibrationReport(cfg.method, n, seqlen)
     result = QuantizedModel(model, scheme, {}, report)
     prepare_model(model, scheme, rotations)
+    if cfg.act_clip_search is not None:
+        fit = search_activation_clip(model, scheme, calib_ids, cfg.act_clip_search)
+        scheme = result.scheme = with_activation_clip(scheme, fit.clip_ratio)
+        report.act_clip_search = fit.to_dict()
+        logger.info("activation clip ratio fitted on calibration data: %s", fit.clip_ratio)
     if plan.needs_data:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} needs calibration data")

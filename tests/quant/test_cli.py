@@ -113,6 +113,9 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(_quantize_args(model, out, text_file, "--seqlen", "100000"), capsys, "max_position_embeddings")
     _bad(["quantize", str(model)], capsys, "-o/--out")
     _bad(_quantize_args(model, out, text_file, "--format", "gguf"), capsys, "unknown format 'gguf'")
+    _bad(_quantize_args(model, out, text_file, "--a-clip", "1.5"), capsys, "--a-clip must be a ratio")
+    _bad(_quantize_args(model, out, text_file, "--scheme", "w4a16", "--a-clip", "auto"), capsys,
+         "keeps them 16-bit")
     _bad(["serve", str(tmp_path)], capsys, "not a checkpoint directory")
     _bad(["eval", str(model), "--ppl", str(text_file), "--engine", "vllm", "--tp", "0"], capsys,
          "--tp must be positive")
