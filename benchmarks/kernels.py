@@ -104,7 +104,7 @@ def kv_rows(a, bench, peaks):
     import torch
     import torch.nn.functional as F
 
-    from rotq.kernels.kv4 import kv4_attention, kv_quant_store
+    from rotq.kernels.kv4 import kv4_attention, kv_quant_store, new_cache, row_bytes
 
     bw = peaks[2]
     dev = "cpu" if a.smoke else "cuda"
@@ -114,20 +114,17 @@ def kv_rows(a, bench, peaks):
             for B in ([1] if a.smoke else [1, 16]):
                 bs = 16
                 nblk = B * ctx // bs
-                kc = torch.zeros(nblk, bs, Hkv, D // 2, dtype=torch.uint8, device=dev)
-                vc, km = kc.clone(), torch.zeros(nblk, bs, Hkv, 2, device=dev)
-                vm = km.clone()
+                cache = new_cache(nblk, bs, Hkv, D, dev)
                 slots = torch.arange(nblk * bs, device=dev)
                 kv = torch.randn(nblk * bs, Hkv, D, device=dev)
-                kv_quant_store(kv, kc, km, slots, 0.95)
-                kv_quant_store(kv, vc, vm, slots, 0.95)
+                kv_quant_store(kv, kv, cache, slots, 0.95)
                 tables = torch.arange(nblk, device=dev).reshape(B, -1)
                 q = torch.randn(B, Hq, D, device=dev, dtype=torch.float32 if a.smoke else torch.bfloat16)
                 seq, pos = torch.arange(B, device=dev), torch.full((B,), ctx - 1, device=dev)
-                t_kv4 = bench(lambda: kv4_attention(q, kc, km, vc, vm, tables, seq, pos, D ** -0.5))
+                t_kv4 = bench(lambda: kv4_attention(q, cache, tables, seq, pos, D ** -0.5))
                 k16 = torch.randn(B, Hq, ctx, D, device=dev, dtype=q.dtype)
                 t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], k16, k16))
-                bytes_kv4 = B * ctx * Hkv * (D + 16)
+                bytes_kv4 = B * ctx * Hkv * row_bytes(D)
                 rows.append({"model": model, "layer": f"decode ctx {ctx}", "M": B, "N": Hq, "K": D,
                              "kernel": "kv4_attention", "ms": t_kv4, "gbps": bytes_kv4 / t_kv4 / 1e6,
                              "floor_ms": bytes_kv4 / bw / 1e9, "speedup_vs_bf16": t_sdpa / t_kv4,

@@ -1,15 +1,23 @@
 """Int4 paged KV cache: quantize-and-store, and attention over the packed cache (Triton),
 each with a PyTorch reference.
 
-Cache layout (per layer): ``k_cache``/``v_cache`` uint8 [num_blocks, block_size, H_kv, D/2]
-(two codes per byte, element 2j in the low nibble), ``k_meta``/``v_meta`` float32
-[num_blocks, block_size, H_kv, 2] holding (scale, zero point) per (token, head). Token t of a
-sequence lives in block ``block_table[t // block_size]`` at slot ``t % block_size``;
-``slot_mapping`` gives each new token's flat slot (block · block_size + offset).
+Cache layout (per layer), the page vLLM hands the rotq attention backend: one uint8 tensor
+[num_blocks, H_kv, block_size, D + 8] (vLLM's head-major "B H N C" page; any strides, bytes
+of a row contiguous). The row of (block, KV head, slot) holds
 
-Quantization is the calibration's KV quantizer (``rotq.quant.quantizer.fake_quantize_kv``):
-asymmetric per (token, head) over the head dimension, range [min(x, 0), max(x, 0)] · clip on 16
-levels, scale = range / 15, zero = round(−min / scale), q = clamp(round(x / s) + zero, 0, 15).
+    bytes [0, D/2)     K codes, two per byte (element 2j in the low nibble, 2j + 1 in the high)
+    bytes [D/2, D)     V codes, the same way
+    bytes [D, D + 8)   float16 k_scale, k_zero, v_scale, v_zero
+
+so a token costs 72 bytes per KV head at D = 64, against 256 in bfloat16 (3.56x the tokens in
+the same memory). Token t of a sequence lives in block ``block_table[t // block_size]`` at slot
+``t % block_size``; ``slot_mapping`` gives each new token's flat slot (block · block_size + slot).
+
+Quantization is the calibration's KV quantizer (``rotq.quant.quantizer.kv_grid``): per (token,
+head) over the head dimension; asymmetric: range [min(x, 0), max(x, 0)] · clip on 16 levels,
+zero = round(−min / scale), code = clamp(round(x / scale) + zero, 0, 15); symmetric: scale =
+clip · max|x| / 7, code = clamp(round(x / scale), −8, 7) + 8 stored with zero 8. The scale is
+rounded to float16 before use, so dequantized values equal calibration's bit for bit.
 
 ``kv4_attention`` serves decode and (chunked) prefill alike: every query token carries its
 sequence index and absolute position and attends to that sequence's cached tokens 0..position
@@ -23,42 +31,100 @@ import torch
 import triton
 import triton.language as tl
 
-_RINT = 12582912.0
+from rotq.quant.quantizer import kv_grid
+from rotq.quant.scheme import KVCacheArgs
+
+META_BYTES = 8  # float16 k_scale, k_zero, v_scale, v_zero
+_RINT = 12582912.0  # 1.5 * 2^23: (x + _RINT) - _RINT rounds half to even, as torch.round
+
+
+def row_bytes(head_dim: int) -> int:
+    """Bytes per (token, KV head) in the cache: K and V codes plus their float16 meta."""
+    _check_head_dim(head_dim)
+    return head_dim + META_BYTES
+
+
+def _check_head_dim(D: int) -> None:
+    if D % 2 or D & (D - 1):
+        raise ValueError(f"the int4 KV cache needs a power-of-two head_dim, got {D}")
+
+
+def cache_views(cache: torch.Tensor, head_dim: int):
+    """(k_codes, v_codes) uint8 [..., D/2] and meta float16 [..., 4] views of ``cache``."""
+    if cache.dtype != torch.uint8 or cache.shape[-1] != row_bytes(head_dim):
+        raise ValueError(f"expected a uint8 cache with rows of {row_bytes(head_dim)} bytes, got "
+                         f"{cache.dtype} {tuple(cache.shape)}")
+    half = head_dim // 2
+    return cache[..., :half], cache[..., half:head_dim], cache[..., head_dim:].view(torch.float16)
+
+
+def new_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, device=None) -> torch.Tensor:
+    return torch.zeros(num_blocks, num_kv_heads, block_size, row_bytes(head_dim), dtype=torch.uint8,
+                       device=device)
 
 
 # ----------------------------------------------------------------------------- references
 
-def kv_quantize_reference(x: torch.Tensor, clip_ratio: float):
+def kv_quantize_reference(x: torch.Tensor, clip_ratio: float, symmetric: bool = False):
     """(codes uint8 [..., D] in 0..15, scale [...], zero [...]) of x [..., D], in float32."""
-    x = x.float()
-    xmin = torch.clamp(x.amin(-1), max=0) * clip_ratio
-    xmax = torch.clamp(x.amax(-1), min=0) * clip_ratio
-    scale = (xmax - xmin) / 15
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-xmin / scale)
-    q = torch.clamp(torch.round(x / scale[..., None]) + zero[..., None], 0, 15)
-    return q.to(torch.uint8), scale, zero
+    rows = x.float().reshape(-1, x.shape[-1])
+    grid = kv_grid(rows, KVCacheArgs(bits=4, symmetric=symmetric, clip_ratio=clip_ratio))
+    codes = grid.quantize(rows)
+    zero = torch.full_like(grid.scale, 8.0) if symmetric else grid.zero_point + 0.0  # -0.0 -> +0.0, as stored
+    if symmetric:
+        codes = codes + 8
+    lead = x.shape[:-1]
+    return codes.to(torch.uint8).reshape(x.shape), grid.scale.reshape(lead), zero.reshape(lead)
 
 
-def dequantize_cache(cache: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """float32 [num_blocks, block_size, H, D] from a packed cache and its (scale, zero)."""
-    q = torch.stack([cache & 0xF, cache >> 4], dim=-1).reshape(*cache.shape[:-1], -1).float()
-    return (q - meta[..., 1:2]) * meta[..., 0:1]
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def kv4_attention_reference(q, k_cache, k_meta, v_cache, v_meta, block_tables, seq_idx, positions,
-                            softmax_scale: float) -> torch.Tensor:
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def kv_store_reference(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       clip_ratio: float, symmetric: bool = False) -> None:
+    """Quantize key and value [T, H_kv, D] into ``cache`` at ``slot_mapping`` [T]."""
+    T, H, D = key.shape
+    kc, vc, meta = cache_views(cache, D)
+    bs = cache.shape[2]
+    blocks, slots = slot_mapping // bs, slot_mapping % bs
+    for x, codes_view, m in ((key, kc, 0), (value, vc, 2)):
+        codes, scale, zero = kv_quantize_reference(x, clip_ratio, symmetric)
+        codes_view[blocks, :, slots] = _pack(codes)
+        meta[blocks, :, slots, m] = scale.half()
+        meta[blocks, :, slots, m + 1] = zero.half()
+
+
+def dequantize_kv(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 K and V [num_blocks, H_kv, block_size, D] from a packed cache."""
+    kc, vc, meta = cache_views(cache, head_dim)
+    meta = meta.float()
+    K = (_unpack(kc).float() - meta[..., 1:2]) * meta[..., 0:1]
+    V = (_unpack(vc).float() - meta[..., 3:4]) * meta[..., 2:3]
+    return K, V
+
+
+def gather_sequence(cache: torch.Tensor, head_dim: int, block_table: torch.Tensor, length: int):
+    """Dequantized K and V [length, H_kv, D] of one sequence's first ``length`` tokens."""
+    bs = cache.shape[2]
+    blocks = block_table[: (length + bs - 1) // bs].long()
+    K, V = dequantize_kv(cache[blocks], head_dim)  # [nb, H, bs, D]
+    flat = lambda X: X.permute(0, 2, 1, 3).reshape(-1, X.shape[1], head_dim)[:length]  # noqa: E731
+    return flat(K), flat(V)
+
+
+def kv4_attention_reference(q, cache, block_tables, seq_idx, positions, softmax_scale: float) -> torch.Tensor:
     """float64 attention of each query token [T, H_q, D] over its sequence's cached tokens 0..pos."""
-    K, V = dequantize_cache(k_cache, k_meta).double(), dequantize_cache(v_cache, v_meta).double()
-    bs = k_cache.shape[1]
     T, Hq, D = q.shape
-    group = Hq // k_cache.shape[2]
+    group = Hq // cache.shape[1]
     out = torch.empty(T, Hq, D, dtype=torch.float64)
     for t in range(T):
-        n = int(positions[t]) + 1
-        toks = torch.arange(n)
-        blocks = block_tables[int(seq_idx[t])][toks // bs]
-        k, v = K[blocks, toks % bs], V[blocks, toks % bs]  # [n, H_kv, D]
+        k, v = gather_sequence(cache, D, block_tables[int(seq_idx[t])], int(positions[t]) + 1)
+        k, v = k.double(), v.double()
         for h in range(Hq):
             s = (k[:, h // group] @ q[t, h].double()) * softmax_scale
             out[t, h] = torch.softmax(s, 0) @ v[:, h // group]
@@ -68,47 +134,90 @@ def kv4_attention_reference(q, k_cache, k_meta, v_cache, v_meta, block_tables, s
 # ----------------------------------------------------------------------------- store
 
 @triton.jit
-def _kv_store_kernel(x_ptr, cache_ptr, meta_ptr, slot_ptr, stride_xt, stride_xh, clip,
-                     H: tl.constexpr, D: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slot_ptr + t)
-    j = tl.arange(0, D // 2)
-    base = x_ptr + t * stride_xt + h * stride_xh
-    xe = tl.load(base + 2 * j).to(tl.float32)
-    xo = tl.load(base + 2 * j + 1).to(tl.float32)
+def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
+    """Packed codes [D/2] (int32 bytes), float16-rounded scale and zero of one head vector."""
+    xe = tl.load(x_ptr + 2 * j).to(tl.float32)
+    xo = tl.load(x_ptr + 2 * j + 1).to(tl.float32)
     xmin = tl.minimum(tl.min(tl.minimum(xe, xo), axis=0), 0.0) * clip
     xmax = tl.maximum(tl.max(tl.maximum(xe, xo), axis=0), 0.0) * clip
-    scale = (xmax - xmin) / 15.0
+    if SYMMETRIC:
+        scale = tl.maximum(-xmin, xmax) / 7.0
+    else:
+        scale = (xmax - xmin) / 15.0
+    scale = tl.minimum(scale, 65504.0).to(tl.float16).to(tl.float32)
     scale = tl.where(scale > 0, scale, 1.0)
-    zero = ((-xmin / scale) + _RINT) - _RINT
-    qe = tl.minimum(tl.maximum((((xe / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
-    qo = tl.minimum(tl.maximum((((xo / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
-    byte = qe.to(tl.int32) | (qo.to(tl.int32) << 4)
-    row = slot * H + h
-    tl.store(cache_ptr + row * (D // 2) + j, byte.to(tl.uint8))
-    tl.store(meta_ptr + row * 2, scale)
-    tl.store(meta_ptr + row * 2 + 1, zero)
+    if SYMMETRIC:
+        zero = 8.0
+        qe = tl.minimum(tl.maximum(((xe / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+        qo = tl.minimum(tl.maximum(((xo / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+    else:
+        zero = ((-xmin / scale) + _RINT) - _RINT
+        qe = tl.minimum(tl.maximum((((xe / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
+        qo = tl.minimum(tl.maximum((((xo / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
+    return qe.to(tl.int32) | (qo.to(tl.int32) << 4), scale, zero
 
 
-def kv_quant_store(x: torch.Tensor, cache: torch.Tensor, meta: torch.Tensor, slot_mapping: torch.Tensor,
-                   clip_ratio: float) -> None:
-    """Quantize x [T, H_kv, D] (K after RoPE and R3, or V) into ``cache``/``meta`` at the slots."""
-    T, H, D = x.shape
-    if D % 2 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two, got {D}")
+@triton.jit
+def _kv_store_kernel(k_ptr, v_ptr, cache_ptr, meta_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_ch, stride_cn, clip, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                     SYMMETRIC: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    row = (slot // BLOCK_SIZE) * stride_cb + h * stride_ch + (slot % BLOCK_SIZE) * stride_cn
+    j = tl.arange(0, D // 2)
+    kq, ks, kz = _quantize_row(k_ptr + t * stride_kt + h * stride_kh, j, clip, SYMMETRIC)
+    vq, vs, vz = _quantize_row(v_ptr + t * stride_vt + h * stride_vh, j, clip, SYMMETRIC)
+    tl.store(cache_ptr + row + j, kq.to(tl.uint8))
+    tl.store(cache_ptr + row + D // 2 + j, vq.to(tl.uint8))
+    m = (row + D) // 2  # the meta in float16 elements (row strides are even)
+    tl.store(meta_ptr + m, ks.to(tl.float16))
+    tl.store(meta_ptr + m + 1, kz.to(tl.float16))
+    tl.store(meta_ptr + m + 2, vs.to(tl.float16))
+    tl.store(meta_ptr + m + 3, vz.to(tl.float16))
+
+
+def _check_cache(cache: torch.Tensor, D: int) -> None:
+    _check_head_dim(D)
+    if cache.dtype != torch.uint8 or cache.shape[-1] != row_bytes(D) or cache.stride(-1) != 1:
+        raise ValueError(f"expected a uint8 cache [blocks, heads, block_size, {row_bytes(D)}] with contiguous "
+                         f"rows, got {cache.dtype} {tuple(cache.shape)} strides {cache.stride()}")
+    if any(s % 2 for s in cache.stride()[:-1]) or cache.storage_offset() % 2:
+        raise ValueError("the int4 KV cache's rows must start at even byte offsets (float16 meta)")
+
+
+def _meta_view(cache: torch.Tensor) -> torch.Tensor:
+    """A flat float16 view of the cache's bytes from its first element on: the kernels address
+    the meta of a row at float16 index (row byte offset + D) / 2."""
+    storage = cache.untyped_storage()
+    start = cache.storage_offset()
+    return torch.empty(0, dtype=torch.float16, device=cache.device).set_(
+        storage, start // 2, ((storage.nbytes() - start) // 2,), (1,))
+
+
+def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   clip_ratio: float, symmetric: bool = False) -> None:
+    """Quantize key (after RoPE and R3) and value [T, H_kv, D] into ``cache`` at ``slot_mapping``."""
+    T, H, D = key.shape
+    _check_cache(cache, D)
+    if value.shape != key.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("key and value need a contiguous head dimension")
     if T:
-        _kv_store_kernel[(T, H)](x, cache, meta, slot_mapping, x.stride(0), x.stride(1), float(clip_ratio),
-                                 H=H, D=D)
+        _kv_store_kernel[(T, H)](
+            key, value, cache, _meta_view(cache), slot_mapping, key.stride(0), key.stride(1),
+            value.stride(0), value.stride(1), cache.stride(0), cache.stride(1), cache.stride(2),
+            float(clip_ratio), BLOCK_SIZE=cache.shape[2], D=D, SYMMETRIC=symmetric)
 
 
 # ----------------------------------------------------------------------------- attention
 
 @triton.jit
-def _kv4_attention_kernel(q_ptr, kc_ptr, km_ptr, vc_ptr, vm_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr,
-                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, softmax_scale,
-                          BLOCK_SIZE: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
-                          D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _kv4_attention_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr,
+                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
+                          stride_cb, stride_ch, stride_cn, softmax_scale,
+                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -126,10 +235,11 @@ def _kv4_attention_kernel(q_ptr, kc_ptr, km_ptr, vc_ptr, vm_ptr, bt_ptr, seq_ptr
         toks = start + tl.arange(0, BLOCK_N)
         valid = toks < n
         blocks = tl.load(bt_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
-        rows = (blocks.to(tl.int64) * BLOCK_SIZE + toks % BLOCK_SIZE) * H_KV + kvh
-        kp = tl.load(kc_ptr + rows[:, None] * (D // 2) + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
-        ks = tl.load(km_ptr + rows * 2, mask=valid, other=1.0)
-        kz = tl.load(km_ptr + rows * 2 + 1, mask=valid, other=0.0)
+        rows = blocks.to(tl.int64) * stride_cb + kvh * stride_ch + (toks % BLOCK_SIZE) * stride_cn
+        m = (rows + D) // 2
+        kp = tl.load(cache_ptr + rows[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        ks = tl.load(meta_ptr + m, mask=valid, other=1.0).to(tl.float32)
+        kz = tl.load(meta_ptr + m + 1, mask=valid, other=0.0).to(tl.float32)
         k_e = ((kp & 0xF).to(tl.float32) - kz[:, None]) * ks[:, None]
         k_o = ((kp >> 4).to(tl.float32) - kz[:, None]) * ks[:, None]
         s = tl.sum(k_e * q_even[None, :] + k_o * q_odd[None, :], axis=1)
@@ -137,9 +247,9 @@ def _kv4_attention_kernel(q_ptr, kc_ptr, km_ptr, vc_ptr, vm_ptr, bt_ptr, seq_ptr
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
-        vp = tl.load(vc_ptr + rows[:, None] * (D // 2) + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
-        vs = tl.load(vm_ptr + rows * 2, mask=valid, other=1.0)
-        vz = tl.load(vm_ptr + rows * 2 + 1, mask=valid, other=0.0)
+        vp = tl.load(cache_ptr + rows[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        vs = tl.load(meta_ptr + m + 2, mask=valid, other=1.0).to(tl.float32)
+        vz = tl.load(meta_ptr + m + 3, mask=valid, other=0.0).to(tl.float32)
         v_e = ((vp & 0xF).to(tl.float32) - vz[:, None]) * vs[:, None]
         v_o = ((vp >> 4).to(tl.float32) - vz[:, None]) * vs[:, None]
         acc_e = acc_e * alpha + tl.sum(p[:, None] * v_e, axis=0)
@@ -150,18 +260,21 @@ def _kv4_attention_kernel(q_ptr, kc_ptr, km_ptr, vc_ptr, vm_ptr, bt_ptr, seq_ptr
     tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-def kv4_attention(q: torch.Tensor, k_cache, k_meta, v_cache, v_meta, block_tables: torch.Tensor,
-                  seq_idx: torch.Tensor, positions: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Attention of q [T, H_q, D] over the int4 paged cache (see the module docstring)."""
+def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_idx: torch.Tensor,
+                  positions: torch.Tensor, softmax_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [T, H_q, D] over the int4 paged cache (see the module docstring); writes
+    into ``out`` [T, H_q, D] when given."""
     T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
+    _check_cache(cache, D)
+    Hkv = cache.shape[1]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if T:
         bt = block_tables.to(torch.int32).contiguous()
         _kv4_attention_kernel[(T, Hq)](
-            q, k_cache, k_meta, v_cache, v_meta, bt, seq_idx.to(torch.int32), positions.to(torch.int32), out,
-            q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), float(softmax_scale),
-            BLOCK_SIZE=k_cache.shape[1], H_KV=Hkv, GROUP=Hq // Hkv, D=D, BLOCK_N=32)
+            q, cache, _meta_view(cache), bt, seq_idx.to(torch.int32),
+            positions.to(torch.int32), out, q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1),
+            cache.stride(0), cache.stride(1), cache.stride(2), float(softmax_scale),
+            BLOCK_SIZE=cache.shape[2], GROUP=Hq // Hkv, D=D, BLOCK_N=32)
     return out

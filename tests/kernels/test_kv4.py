@@ -1,16 +1,20 @@
 """Int4 paged KV cache kernels against their references: the store reproduces the calibration's
 KV quantizer bit for bit, attention over the packed cache matches float64 attention over the
-dequantized cache, for decode and chunked prefill, with GQA and scattered pages."""
+dequantized cache, for decode and chunked prefill, with GQA, scattered pages and a cache that
+is a strided view (as vLLM hands it over)."""
 
 import pytest
 import torch
 
 from rotq.kernels.kv4 import (
-    dequantize_cache,
+    cache_views,
+    dequantize_kv,
     kv4_attention,
     kv4_attention_reference,
     kv_quant_store,
-    kv_quantize_reference,
+    kv_store_reference,
+    new_cache,
+    row_bytes,
 )
 from rotq.quant.quantizer import fake_quantize_kv
 from rotq.quant.scheme import KVCacheArgs
@@ -18,26 +22,42 @@ from rotq.quant.scheme import KVCacheArgs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cache(num_blocks, block_size, H, D):
-    cache = torch.zeros(num_blocks, block_size, H, D // 2, dtype=torch.uint8, device=DEVICE)
-    meta = torch.zeros(num_blocks, block_size, H, 2, dtype=torch.float32, device=DEVICE)
-    return cache, meta
+def _strided_cache(num_blocks, block_size, H, D):
+    """A cache that is every other block of a larger buffer, as a layer's slice of a
+    layer-interleaved allocation is."""
+    return new_cache(2 * num_blocks, block_size, H, D, DEVICE)[1::2]
 
 
-@pytest.mark.parametrize("T,H,D", [(1, 1, 64), (7, 3, 64), (37, 2, 128)])
-def test_store_equals_the_calibration_quantizer(T, H, D):
+def test_row_layout_and_capacity():
+    assert row_bytes(64) == 72 and row_bytes(128) == 136
+    assert 2 * 64 * 2 / row_bytes(64) > 3.5  # bf16 K+V bytes per token-head over ours
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        row_bytes(80)
+
+
+@pytest.mark.parametrize("T,H,D,symmetric", [(1, 1, 64, False), (7, 3, 64, True), (37, 2, 128, False)])
+def test_store_equals_the_calibration_quantizer(T, H, D, symmetric):
     g = torch.Generator().manual_seed(T * H + D)
-    x = torch.randn(T, H, D, generator=g) * 2 + 0.5
-    x[0, 0] = 0.0
-    cache, meta = _cache(8, 16, H, D)
+    k = torch.randn(T, H, D, generator=g) * 2 + 0.5
+    v = torch.randn(T, H, D, generator=g) * 0.01
+    k[0, 0] = 0.0
     slots = torch.randperm(8 * 16, generator=g)[:T]
-    kv_quant_store(x.to(DEVICE), cache, meta, slots.to(DEVICE), 0.95)
-    deq = dequantize_cache(cache.cpu(), meta.cpu()).reshape(-1, H, D)[slots]
-    ref = fake_quantize_kv(x, KVCacheArgs(bits=4, clip_ratio=0.95))
-    torch.testing.assert_close(deq, ref, rtol=0, atol=1e-6)
-    codes, scale, zero = kv_quantize_reference(x, 0.95)
-    assert torch.equal(meta.cpu().reshape(-1, H, 2)[slots][..., 0], scale)
-    assert torch.equal(meta.cpu().reshape(-1, H, 2)[slots][..., 1], zero)
+    args = KVCacheArgs(bits=4, symmetric=symmetric, clip_ratio=0.95)
+    for store in (kv_quant_store, kv_store_reference):
+        cache = _strided_cache(8, 16, H, D)
+        store(k.to(DEVICE), v.to(DEVICE), cache, slots.to(DEVICE), 0.95, symmetric)
+        K, V = dequantize_kv(cache.cpu(), D)
+        flat = lambda X: X.permute(0, 2, 1, 3).reshape(-1, H, D)[slots]  # noqa: E731
+        assert torch.equal(flat(K), fake_quantize_kv(k, args))
+        assert torch.equal(flat(V), fake_quantize_kv(v, args))
+        untouched = torch.ones(8 * 16, dtype=torch.bool)
+        untouched[slots] = False
+        assert not cache.cpu().permute(0, 2, 1, 3).reshape(-1, H, row_bytes(D))[untouched].any()
+    ref = new_cache(16, 16, H, D)[1::2]
+    kv_store_reference(k, v, ref, slots, 0.95, symmetric)
+    cache = _strided_cache(8, 16, H, D)
+    kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, slots.to(DEVICE), 0.95, symmetric)
+    assert torch.equal(cache.cpu(), ref)  # byte for byte, meta included
 
 
 @pytest.mark.parametrize("lens,Hq,Hkv,D,chunk", [
@@ -49,16 +69,14 @@ def test_attention_matches_float64(lens, Hq, Hkv, D, chunk):
     g = torch.Generator().manual_seed(sum(lens) + Hq + D)
     block_size, max_blocks = 8, 6
     num_blocks = len(lens) * max_blocks
-    kc, km = _cache(num_blocks, block_size, Hkv, D)
-    vc, vm = _cache(num_blocks, block_size, Hkv, D)
+    cache = _strided_cache(num_blocks, block_size, Hkv, D)
     tables = torch.randperm(num_blocks, generator=g).reshape(len(lens), max_blocks)  # scattered pages
     qs, seq_idx, positions = [], [], []
     for b, n in enumerate(lens):
         k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
         t = torch.arange(n)
         slots = tables[b][t // block_size] * block_size + t % block_size
-        kv_quant_store(k.to(DEVICE), kc, km, slots.to(DEVICE), 0.95)
-        kv_quant_store(v.to(DEVICE), vc, vm, slots.to(DEVICE), 0.95)
+        kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, slots.to(DEVICE), 0.95)
         for p in range(max(0, n - chunk), n):
             qs.append(torch.randn(Hq, D, generator=g))
             seq_idx.append(b)
@@ -66,7 +84,14 @@ def test_attention_matches_float64(lens, Hq, Hkv, D, chunk):
     q = torch.stack(qs)
     seq_idx, positions = torch.tensor(seq_idx), torch.tensor(positions)
     scale = D ** -0.5
-    out = kv4_attention(q.to(DEVICE), kc, km, vc, vm, tables.to(DEVICE), seq_idx.to(DEVICE),
-                        positions.to(DEVICE), scale)
-    ref = kv4_attention_reference(q, kc.cpu(), km.cpu(), vc.cpu(), vm.cpu(), tables, seq_idx, positions, scale)
+    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq_idx.to(DEVICE), positions.to(DEVICE), scale)
+    ref = kv4_attention_reference(q, cache.cpu(), tables, seq_idx, positions, scale)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_caches_are_refused():
+    with pytest.raises(ValueError, match="rows of 72 bytes"):
+        cache_views(torch.zeros(2, 1, 4, 64, dtype=torch.uint8), 64)
+    odd = torch.zeros(2 * 4 * 73 + 1, dtype=torch.uint8)[1:].reshape(2, 1, 4, 73)[..., :72]
+    with pytest.raises(ValueError, match="even byte offsets"):
+        kv_quant_store(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), odd, torch.zeros(1, dtype=torch.long), 1.0)
