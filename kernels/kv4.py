@@ -1,23 +1,26 @@
 """Int4 paged KV cache: quantize-and-store, and attention over the packed cache (Triton),
 each with a PyTorch reference.
 
-Cache layout (per layer), the page vLLM hands the rotq attention backend: one uint8 tensor
-[num_blocks, H_kv, block_size, D + 8] (vLLM's head-major "B H N C" page; any strides, bytes
-of a row contiguous). The row of (block, KV head, slot) holds
+Page layout. vLLM allocates each layer's cache as pages of H_kv · block_size · (D + 9) bytes
+and hands them over as uint8 [num_blocks, H_kv, block_size, D + 9] (any stride between pages;
+a page's bytes contiguous). rotq reads a page as three regions, with S = H_kv · block_size
+(token, head) rows, row r = head · block_size + slot:
 
-    bytes [0, D/2)     K codes, two per byte (element 2j in the low nibble, 2j + 1 in the high)
-    bytes [D/2, D)     V codes, the same way
-    bytes [D, D + 8)   float16 k_scale, k_zero, v_scale, v_zero
+    codes   uint8   [S, D]   K codes (D/2 bytes, element 2j in the low nibble, 2j + 1 in the
+                             high) then V codes, the same way
+    scales  float32 [S, 2]   K scale, V scale
+    zeros   uint8   [S]      K zero point (low nibble), V zero point (high nibble)
 
-so a token costs 72 bytes per KV head at D = 64, against 256 in bfloat16 (3.56x the tokens in
-the same memory). Token t of a sequence lives in block ``block_table[t // block_size]`` at slot
-``t % block_size``; ``slot_mapping`` gives each new token's flat slot (block · block_size + slot).
+73 bytes per token and head at D = 64 against 256 in bfloat16 (3.51x the tokens in the same
+memory; 3.74x at D = 128). The scales stay float32, so the stored grid is exactly the one
+calibration simulated. Token t of a sequence lives in block ``block_table[t // block_size]`` at
+slot ``t % block_size``; ``slot_mapping`` gives each new token's flat slot (block · block_size +
+slot).
 
 Quantization is the calibration's KV quantizer (``rotq.quant.quantizer.kv_grid``): per (token,
 head) over the head dimension; asymmetric: range [min(x, 0), max(x, 0)] · clip on 16 levels,
 zero = round(−min / scale), code = clamp(round(x / scale) + zero, 0, 15); symmetric: scale =
-clip · max|x| / 7, code = clamp(round(x / scale), −8, 7) + 8 stored with zero 8. The scale is
-rounded to float16 before use, so dequantized values equal calibration's bit for bit.
+clip · max|x| / 7, code = clamp(round(x / scale), −8, 7) + 8, stored with zero point 8.
 
 ``kv4_attention`` serves decode and (chunked) prefill alike: every query token carries its
 sequence index and absolute position and attends to that sequence's cached tokens 0..position
@@ -34,12 +37,12 @@ import triton.language as tl
 from rotq.quant.quantizer import kv_grid
 from rotq.quant.scheme import KVCacheArgs
 
-META_BYTES = 8  # float16 k_scale, k_zero, v_scale, v_zero
+META_BYTES = 9  # float32 K and V scales, one byte of K|V zero points
 _RINT = 12582912.0  # 1.5 * 2^23: (x + _RINT) - _RINT rounds half to even, as torch.round
 
 
 def row_bytes(head_dim: int) -> int:
-    """Bytes per (token, KV head) in the cache: K and V codes plus their float16 meta."""
+    """Bytes per (token, KV head) in the cache: K and V codes, their scales and zero points."""
     _check_head_dim(head_dim)
     return head_dim + META_BYTES
 
@@ -49,18 +52,36 @@ def _check_head_dim(D: int) -> None:
         raise ValueError(f"the int4 KV cache needs a power-of-two head_dim, got {D}")
 
 
-def cache_views(cache: torch.Tensor, head_dim: int):
-    """(k_codes, v_codes) uint8 [..., D/2] and meta float16 [..., 4] views of ``cache``."""
-    if cache.dtype != torch.uint8 or cache.shape[-1] != row_bytes(head_dim):
-        raise ValueError(f"expected a uint8 cache with rows of {row_bytes(head_dim)} bytes, got "
+def _check_cache(cache: torch.Tensor, D: int) -> None:
+    _check_head_dim(D)
+    if cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[-1] != row_bytes(D):
+        raise ValueError(f"expected a uint8 cache [blocks, heads, block_size, {row_bytes(D)}], got "
                          f"{cache.dtype} {tuple(cache.shape)}")
-    half = head_dim // 2
-    return cache[..., :half], cache[..., half:head_dim], cache[..., head_dim:].view(torch.float16)
+    _, H, N, C = cache.shape
+    if cache.stride()[1:] != (N * C, C, 1):
+        raise ValueError(f"each page of the int4 KV cache must be contiguous, got strides {cache.stride()}")
+    if (H * N * D) % 4 or cache.stride(0) % 4 or cache.storage_offset() % 4:
+        raise ValueError("the int4 KV cache's pages and scale regions must start at multiples of 4 bytes "
+                         f"(block_size {N}, page stride {cache.stride(0)}, offset {cache.storage_offset()})")
 
 
 def new_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, device=None) -> torch.Tensor:
     return torch.zeros(num_blocks, num_kv_heads, block_size, row_bytes(head_dim), dtype=torch.uint8,
                        device=device)
+
+
+def page_views(cache: torch.Tensor, head_dim: int):
+    """The regions of every page as views: codes uint8 [B, H, N, D], scales float32 [B, H, N, 2],
+    zeros uint8 [B, H, N]."""
+    _check_cache(cache, head_dim)
+    B, H, N, _ = cache.shape
+    D, S, page, base = head_dim, H * N, cache.stride(0), cache.storage_offset()
+    codes = cache.as_strided((B, H, N, D), (page, N * D, D, 1), base)
+    zeros = cache.as_strided((B, H, N), (page, N, 1), base + S * (D + 8))
+    f32 = torch.empty(0, dtype=torch.float32, device=cache.device).set_(
+        cache.untyped_storage(), 0, (cache.untyped_storage().nbytes() // 4,), (1,))
+    scales = f32.as_strided((B, H, N, 2), (page // 4, N * 2, 2, 1), (base + S * D) // 4)
+    return codes, scales, zeros
 
 
 # ----------------------------------------------------------------------------- references
@@ -70,9 +91,10 @@ def kv_quantize_reference(x: torch.Tensor, clip_ratio: float, symmetric: bool = 
     rows = x.float().reshape(-1, x.shape[-1])
     grid = kv_grid(rows, KVCacheArgs(bits=4, symmetric=symmetric, clip_ratio=clip_ratio))
     codes = grid.quantize(rows)
-    zero = torch.full_like(grid.scale, 8.0) if symmetric else grid.zero_point + 0.0  # -0.0 -> +0.0, as stored
     if symmetric:
-        codes = codes + 8
+        codes, zero = codes + 8, torch.full_like(grid.scale, 8.0)
+    else:
+        zero = grid.zero_point
     lead = x.shape[:-1]
     return codes.to(torch.uint8).reshape(x.shape), grid.scale.reshape(lead), zero.reshape(lead)
 
@@ -88,31 +110,35 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
 def kv_store_reference(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
                        clip_ratio: float, symmetric: bool = False) -> None:
     """Quantize key and value [T, H_kv, D] into ``cache`` at ``slot_mapping`` [T]."""
-    T, H, D = key.shape
-    kc, vc, meta = cache_views(cache, D)
+    D = key.shape[-1]
+    codes, scales, zeros = page_views(cache, D)
     bs = cache.shape[2]
     blocks, slots = slot_mapping // bs, slot_mapping % bs
-    for x, codes_view, m in ((key, kc, 0), (value, vc, 2)):
-        codes, scale, zero = kv_quantize_reference(x, clip_ratio, symmetric)
-        codes_view[blocks, :, slots] = _pack(codes)
-        meta[blocks, :, slots, m] = scale.half()
-        meta[blocks, :, slots, m + 1] = zero.half()
+    kq, ks, kz = kv_quantize_reference(key, clip_ratio, symmetric)
+    vq, vs, vz = kv_quantize_reference(value, clip_ratio, symmetric)
+    codes[blocks, :, slots] = torch.cat([_pack(kq), _pack(vq)], dim=-1)
+    scales[blocks, :, slots] = torch.stack([ks, vs], dim=-1)
+    zeros[blocks, :, slots] = kz.to(torch.uint8) | (vz.to(torch.uint8) << 4)
+
+
+def _dequantize(codes, scales, zeros):
+    half = codes.shape[-1] // 2
+    kz, vz = (zeros & 0xF).float()[..., None], (zeros >> 4).float()[..., None]
+    K = (_unpack(codes[..., :half]).float() - kz) * scales[..., 0:1]
+    V = (_unpack(codes[..., half:]).float() - vz) * scales[..., 1:2]
+    return K, V
 
 
 def dequantize_kv(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 K and V [num_blocks, H_kv, block_size, D] from a packed cache."""
-    kc, vc, meta = cache_views(cache, head_dim)
-    meta = meta.float()
-    K = (_unpack(kc).float() - meta[..., 1:2]) * meta[..., 0:1]
-    V = (_unpack(vc).float() - meta[..., 3:4]) * meta[..., 2:3]
-    return K, V
+    return _dequantize(*page_views(cache, head_dim))
 
 
 def gather_sequence(cache: torch.Tensor, head_dim: int, block_table: torch.Tensor, length: int):
     """Dequantized K and V [length, H_kv, D] of one sequence's first ``length`` tokens."""
     bs = cache.shape[2]
     blocks = block_table[: (length + bs - 1) // bs].long()
-    K, V = dequantize_kv(cache[blocks], head_dim)  # [nb, H, bs, D]
+    K, V = _dequantize(*(region[blocks] for region in page_views(cache, head_dim)))
     flat = lambda X: X.permute(0, 2, 1, 3).reshape(-1, X.shape[1], head_dim)[:length]  # noqa: E731
     return flat(K), flat(V)
 
@@ -135,64 +161,54 @@ def kv4_attention_reference(q, cache, block_tables, seq_idx, positions, softmax_
 
 @triton.jit
 def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
-    """Packed codes [D/2] (int32 bytes), float16-rounded scale and zero of one head vector."""
+    """Packed codes [D/2] (int32 bytes), scale and zero point of one head vector."""
     xe = tl.load(x_ptr + 2 * j).to(tl.float32)
     xo = tl.load(x_ptr + 2 * j + 1).to(tl.float32)
     xmin = tl.minimum(tl.min(tl.minimum(xe, xo), axis=0), 0.0) * clip
     xmax = tl.maximum(tl.max(tl.maximum(xe, xo), axis=0), 0.0) * clip
     if SYMMETRIC:
         scale = tl.maximum(-xmin, xmax) / 7.0
-    else:
-        scale = (xmax - xmin) / 15.0
-    scale = tl.minimum(scale, 65504.0).to(tl.float16).to(tl.float32)
-    scale = tl.where(scale > 0, scale, 1.0)
-    if SYMMETRIC:
+        scale = tl.where(scale > 0, scale, 1.0)
         zero = 8.0
         qe = tl.minimum(tl.maximum(((xe / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
         qo = tl.minimum(tl.maximum(((xo / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
     else:
+        scale = (xmax - xmin) / 15.0
+        scale = tl.where(scale > 0, scale, 1.0)
         zero = ((-xmin / scale) + _RINT) - _RINT
         qe = tl.minimum(tl.maximum((((xe / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
         qo = tl.minimum(tl.maximum((((xo / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
-    return qe.to(tl.int32) | (qo.to(tl.int32) << 4), scale, zero
+    return qe.to(tl.int32) | (qo.to(tl.int32) << 4), scale, zero.to(tl.int32)
 
 
 @triton.jit
-def _kv_store_kernel(k_ptr, v_ptr, cache_ptr, meta_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_ch, stride_cn, clip, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+def _kv_store_kernel(k_ptr, v_ptr, cache_ptr, scale_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_page, clip, H: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
                      SYMMETRIC: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    row = (slot // BLOCK_SIZE) * stride_cb + h * stride_ch + (slot % BLOCK_SIZE) * stride_cn
+    page = (slot // BLOCK_SIZE) * stride_page
+    r = h * BLOCK_SIZE + slot % BLOCK_SIZE
+    S: tl.constexpr = H * BLOCK_SIZE
     j = tl.arange(0, D // 2)
     kq, ks, kz = _quantize_row(k_ptr + t * stride_kt + h * stride_kh, j, clip, SYMMETRIC)
     vq, vs, vz = _quantize_row(v_ptr + t * stride_vt + h * stride_vh, j, clip, SYMMETRIC)
-    tl.store(cache_ptr + row + j, kq.to(tl.uint8))
-    tl.store(cache_ptr + row + D // 2 + j, vq.to(tl.uint8))
-    m = (row + D) // 2  # the meta in float16 elements (row strides are even)
-    tl.store(meta_ptr + m, ks.to(tl.float16))
-    tl.store(meta_ptr + m + 1, kz.to(tl.float16))
-    tl.store(meta_ptr + m + 2, vs.to(tl.float16))
-    tl.store(meta_ptr + m + 3, vz.to(tl.float16))
+    tl.store(cache_ptr + page + r * D + j, kq.to(tl.uint8))
+    tl.store(cache_ptr + page + r * D + D // 2 + j, vq.to(tl.uint8))
+    sc = (page + S * D) // 4 + r * 2
+    tl.store(scale_ptr + sc, ks)
+    tl.store(scale_ptr + sc + 1, vs)
+    tl.store(cache_ptr + page + S * (D + 8) + r, (kz | (vz << 4)).to(tl.uint8))
 
 
-def _check_cache(cache: torch.Tensor, D: int) -> None:
-    _check_head_dim(D)
-    if cache.dtype != torch.uint8 or cache.shape[-1] != row_bytes(D) or cache.stride(-1) != 1:
-        raise ValueError(f"expected a uint8 cache [blocks, heads, block_size, {row_bytes(D)}] with contiguous "
-                         f"rows, got {cache.dtype} {tuple(cache.shape)} strides {cache.stride()}")
-    if any(s % 2 for s in cache.stride()[:-1]) or cache.storage_offset() % 2:
-        raise ValueError("the int4 KV cache's rows must start at even byte offsets (float16 meta)")
-
-
-def _meta_view(cache: torch.Tensor) -> torch.Tensor:
-    """A flat float16 view of the cache's bytes from its first element on: the kernels address
-    the meta of a row at float16 index (row byte offset + D) / 2."""
+def _float32_view(cache: torch.Tensor) -> torch.Tensor:
+    """The cache's bytes from its first element on as float32 (the kernels address a scale at
+    float32 index byte_offset / 4)."""
     storage = cache.untyped_storage()
     start = cache.storage_offset()
-    return torch.empty(0, dtype=torch.float16, device=cache.device).set_(
-        storage, start // 2, ((storage.nbytes() - start) // 2,), (1,))
+    return torch.empty(0, dtype=torch.float32, device=cache.device).set_(
+        storage, start // 4, ((storage.nbytes() - start) // 4,), (1,))
 
 
 def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -200,27 +216,29 @@ def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, 
     """Quantize key (after RoPE and R3) and value [T, H_kv, D] into ``cache`` at ``slot_mapping``."""
     T, H, D = key.shape
     _check_cache(cache, D)
-    if value.shape != key.shape:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    if value.shape != key.shape or cache.shape[1] != H:
+        raise ValueError(f"key {tuple(key.shape)}, value {tuple(value.shape)} and cache {tuple(cache.shape)} "
+                         "disagree")
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("key and value need a contiguous head dimension")
     if T:
         _kv_store_kernel[(T, H)](
-            key, value, cache, _meta_view(cache), slot_mapping, key.stride(0), key.stride(1),
-            value.stride(0), value.stride(1), cache.stride(0), cache.stride(1), cache.stride(2),
-            float(clip_ratio), BLOCK_SIZE=cache.shape[2], D=D, SYMMETRIC=symmetric)
+            key, value, cache, _float32_view(cache), slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), cache.stride(0), float(clip_ratio), H=H, BLOCK_SIZE=cache.shape[2], D=D,
+            SYMMETRIC=symmetric)
 
 
 # ----------------------------------------------------------------------------- attention
 
 @triton.jit
-def _kv4_attention_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr,
-                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
-                          stride_cb, stride_ch, stride_cn, softmax_scale,
-                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr,
+                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale,
+                          H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
+    S: tl.constexpr = H_KV * BLOCK_SIZE
     seq = tl.load(seq_ptr + t)
     n = tl.load(pos_ptr + t) + 1
     d = tl.arange(0, D)
@@ -235,11 +253,14 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, seq_ptr, pos_ptr, 
         toks = start + tl.arange(0, BLOCK_N)
         valid = toks < n
         blocks = tl.load(bt_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
-        rows = blocks.to(tl.int64) * stride_cb + kvh * stride_ch + (toks % BLOCK_SIZE) * stride_cn
-        m = (rows + D) // 2
-        kp = tl.load(cache_ptr + rows[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
-        ks = tl.load(meta_ptr + m, mask=valid, other=1.0).to(tl.float32)
-        kz = tl.load(meta_ptr + m + 1, mask=valid, other=0.0).to(tl.float32)
+        page = blocks.to(tl.int64) * stride_page
+        r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
+        codes = page + r * D
+        sc = (page + S * D) // 4 + r * 2
+        zp = tl.load(cache_ptr + page + S * (D + 8) + r, mask=valid, other=0).to(tl.int32)
+        kp = tl.load(cache_ptr + codes[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        ks = tl.load(scale_ptr + sc, mask=valid, other=1.0)
+        kz = (zp & 0xF).to(tl.float32)
         k_e = ((kp & 0xF).to(tl.float32) - kz[:, None]) * ks[:, None]
         k_o = ((kp >> 4).to(tl.float32) - kz[:, None]) * ks[:, None]
         s = tl.sum(k_e * q_even[None, :] + k_o * q_odd[None, :], axis=1)
@@ -247,9 +268,9 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, seq_ptr, pos_ptr, 
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
-        vp = tl.load(cache_ptr + rows[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
-        vs = tl.load(meta_ptr + m + 2, mask=valid, other=1.0).to(tl.float32)
-        vz = tl.load(meta_ptr + m + 3, mask=valid, other=0.0).to(tl.float32)
+        vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        vs = tl.load(scale_ptr + sc + 1, mask=valid, other=1.0)
+        vz = (zp >> 4).to(tl.float32)
         v_e = ((vp & 0xF).to(tl.float32) - vz[:, None]) * vs[:, None]
         v_o = ((vp >> 4).to(tl.float32) - vz[:, None]) * vs[:, None]
         acc_e = acc_e * alpha + tl.sum(p[:, None] * v_e, axis=0)
@@ -273,8 +294,7 @@ def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
     if T:
         bt = block_tables.to(torch.int32).contiguous()
         _kv4_attention_kernel[(T, Hq)](
-            q, cache, _meta_view(cache), bt, seq_idx.to(torch.int32),
-            positions.to(torch.int32), out, q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1),
-            cache.stride(0), cache.stride(1), cache.stride(2), float(softmax_scale),
-            BLOCK_SIZE=cache.shape[2], GROUP=Hq // Hkv, D=D, BLOCK_N=32)
+            q, cache, _float32_view(cache), bt, seq_idx.to(torch.int32), positions.to(torch.int32), out,
+            q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
+            float(softmax_scale), H_KV=Hkv, BLOCK_SIZE=cache.shape[2], GROUP=Hq // Hkv, D=D, BLOCK_N=32)
     return out

@@ -67,7 +67,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", help="HF directory, hub id, or builtin name (smollm2-135m)")
     p.add_argument("-o", "--out", required=True, type=Path, help="output directory (must not exist)")
     p.add_argument("--recipe", type=Path, help="YAML/JSON file with any of the options below")
-    p.add_argument("--scheme", help="w4a4kv4 | w4a4 | w4a16 | w3a16 | w8a8 (default w4a4kv4)")
+    p.add_argument("--scheme", help="w4a4kv4 | w4a4 | w4a16kv4 | w4a16 | w3a16 | w8a8 (default w4a4kv4)")
     p.add_argument("--rotation", help="none | hadamard | spinquant (default hadamard)")
     p.add_argument("--rotation-steps", type=int,
                    help="spinquant: Cayley SGD steps on the calibration data (default 100)")
@@ -380,8 +380,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    if not torch.cuda.is_available() and not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
+    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in extra)  # noqa: E731
+    if not torch.cuda.is_available() and not given("--dtype"):
         extra += ["--dtype", "float32"]
+    if not given("--kv-cache-dtype"):
+        from rotq.serving.engine import kv_cache_dtype_for
+
+        kv_cache_dtype = kv_cache_dtype_for(str(model))
+        if kv_cache_dtype != "auto":
+            extra += ["--kv-cache-dtype", kv_cache_dtype]
+            if torch.cuda.is_available() and not given("--attention-backend"):
+                extra += ["--attention-backend", "CUSTOM"]  # rotq's int4 cache (CPU needs no flag)
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *extra]
     print("rotq: exec " + " ".join(argv), file=sys.stderr, flush=True)
     os.execv(sys.executable, argv)

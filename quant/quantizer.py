@@ -151,35 +151,24 @@ def fake_quantize_activation(x: torch.Tensor, args: ActivationArgs, ste: bool = 
 
 def fake_quantize_kv(x: torch.Tensor, args: KVCacheArgs, ste: bool = False) -> torch.Tensor:
     """Quantize-dequantize K or V [..., D] per (token, head): one grid per head vector."""
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1])
-    grid = kv_grid(rows, args)
-    grid.ste = ste
-    return grid.fake_quantize(rows).reshape(shape)
+    return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio, ste)
 
 
 def kv_grid(rows: torch.Tensor, args: KVCacheArgs) -> Grid:
-    """The KV quantizer's grid of each row [R, D]. The paged cache stores scale and zero point
-    in float16 (kernels/kv4.py), so the scale is rounded to float16 before it is used: the
-    cache then holds exactly what calibration simulated."""
-    xmin = torch.clamp(rows.min(dim=1, keepdim=True).values, max=0) * args.clip_ratio
-    xmax = torch.clamp(rows.max(dim=1, keepdim=True).values, min=0) * args.clip_ratio
-    if args.symmetric:
-        scale = torch.maximum(-xmin, xmax) / (2 ** (args.bits - 1) - 1)
-    else:
-        scale = (xmax - xmin) / (2**args.bits - 1)
-    scale = scale.clamp(max=torch.finfo(torch.float16).max).to(torch.float16).to(rows.dtype)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = None if args.symmetric else torch.round(-xmin / scale)
-    return Grid(scale, zero, args.bits)
+    """The KV quantizer's grid of each row [R, D] (kernels/kv4.py stores it in the paged cache)."""
+    return _row_grid(rows, args.bits, args.symmetric, args.clip_ratio)
+
+
+def _row_grid(rows: torch.Tensor, bits: int, symmetric: bool, clip: float) -> Grid:
+    xmin = torch.clamp(rows.min(dim=1, keepdim=True).values, max=0) * clip
+    xmax = torch.clamp(rows.max(dim=1, keepdim=True).values, min=0) * clip
+    return _range_grid(xmin, xmax, bits, symmetric, 2 ** (bits - 1) - 1)
 
 
 def _fake_quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip: float,
                         ste: bool = False) -> torch.Tensor:
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
-    xmin = torch.clamp(rows.min(dim=1, keepdim=True).values, max=0) * clip
-    xmax = torch.clamp(rows.max(dim=1, keepdim=True).values, min=0) * clip
-    grid = _range_grid(xmin, xmax, bits, symmetric, 2 ** (bits - 1) - 1)
+    grid = _row_grid(rows, bits, symmetric, clip)
     grid.ste = ste
     return grid.fake_quantize(rows).reshape(shape)

@@ -165,6 +165,7 @@ PRESETS: dict[str, Scheme] = {
     "w4a4kv4": Scheme(activations=ActivationArgs(), kv_cache=KVCacheArgs()),
     "w4a4": Scheme(activations=ActivationArgs()),
     "w4a16": Scheme(),
+    "w4a16kv4": Scheme(kv_cache=KVCacheArgs()),
     "w3a16": Scheme(weights=WeightArgs(bits=3)),
     "w8a8": Scheme(weights=WeightArgs(bits=8), activations=ActivationArgs(bits=8, clip_ratio=1.0)),
 }

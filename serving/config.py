@@ -34,9 +34,12 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
+from vllm.model_executor.layers.attention import Attention
+
 from rotq.kernels.linear import dequantize_packed, quantized_linear, quantized_linear_triton, triton_supported
 from rotq.kernels.packing import pack_factor
 from rotq.quant.scheme import Scheme
+from rotq.serving.engine import KV4_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +53,7 @@ class RotqConfig(QuantizationConfig):
     def __init__(self, scheme: Scheme):
         super().__init__()
         self.scheme = scheme
-        if scheme.kv_cache is not None:
-            logger.warning(
-                "rotq: this checkpoint was calibrated with a %d-bit KV cache; this vLLM path keeps "
-                "the KV cache in 16 bits (R3 cancels in Q·Kᵀ, so the model stays exact otherwise)",
-                scheme.kv_cache.bits)
+        self._warned_kv = False
 
     def __repr__(self) -> str:
         return f"RotqConfig({self.scheme})"
@@ -83,7 +82,21 @@ class RotqConfig(QuantizationConfig):
                     prefix, list(self.scheme.ignore), self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
             return RotqLinearMethod(self.scheme, prefix)
+        if isinstance(layer, Attention):
+            self._check_kv_cache(layer.kv_cache_dtype)
         return None
+
+    def _check_kv_cache(self, kv_cache_dtype: str) -> None:
+        """The int4 cache is vLLM's --kv-cache-dtype int4_per_token_head (kv4_attention.py);
+        warn once when a KV4 checkpoint runs without it."""
+        kv = self.scheme.kv_cache
+        if kv is not None and kv.bits == 4 and kv_cache_dtype != KV4_DTYPE and not self._warned_kv:
+            self._warned_kv = True
+            logger.warning(
+                "rotq: this checkpoint was calibrated with a 4-bit KV cache, but vLLM runs a %s cache; "
+                "pass --kv-cache-dtype %s (`rotq serve` does) for the int4 cache. With a 16-bit cache "
+                "the model is the calibrated one minus KV quantization (R3 cancels in Q·Kᵀ).",
+                kv_cache_dtype, KV4_DTYPE)
 
 
 @register_weight_loader_v2_supported_method

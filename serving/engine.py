@@ -15,6 +15,8 @@ import torch
 
 from rotq.quant.perplexity import PerplexityResult
 
+KV4_DTYPE = "int4_per_token_head"  # vLLM's name for the int4 cache; rotq's plugin serves its own layout
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -23,6 +25,9 @@ class EngineOptions:
     dtype: str = "auto"  # "auto": see _resolve_dtype
     kv_cache_memory_bytes: int = 256 << 20
     enforce_eager: bool = True
+    kv_cache_dtype: str = "auto"  # "auto": see kv_cache_dtype_for
+    block_size: int | None = None  # tokens per KV page (None: vLLM's default)
+    max_num_batched_tokens: int | None = None  # smaller than a prompt: chunked prefill
 
 
 def _resolve_dtype(dtype: str, model: str) -> str:
@@ -34,6 +39,18 @@ def _resolve_dtype(dtype: str, model: str) -> str:
     config = json.loads((Path(model) / "config.json").read_text())
     quant_method = (config.get("quantization_config") or {}).get("quant_method")
     return "bfloat16" if quant_method == "compressed-tensors" else "float32"
+
+
+def kv_cache_dtype_for(model: str) -> str:
+    """The cache dtype a checkpoint was calibrated for: int4 for a rotq scheme with a 4-bit KV
+    cache (rotq's int4 paged cache, serving/kv4_attention.py), else vLLM's default."""
+    from rotq.export.rotq_format import is_rotq_checkpoint, read_scheme
+
+    if is_rotq_checkpoint(model):
+        kv = read_scheme(model).kv_cache
+        if kv is not None and kv.bits == 4:
+            return KV4_DTYPE
+    return "auto"
 
 
 def make_engine(model: str, options: EngineOptions = EngineOptions()):
@@ -48,7 +65,12 @@ def make_engine(model: str, options: EngineOptions = EngineOptions()):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
             ",".join(str(c) for c in ordered[r * per_rank:(r + 1) * per_rank]) or str(ordered[-1])
             for r in range(options.tensor_parallel_size)))
-    return LLM(model=model, dtype=_resolve_dtype(options.dtype, model), max_model_len=options.max_model_len,
+    kv_cache_dtype = kv_cache_dtype_for(model) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
+    backend = {"attention_backend": "CUSTOM"} if kv_cache_dtype == KV4_DTYPE and torch.cuda.is_available() else {}
+    optional = {k: v for k, v in (("block_size", options.block_size),
+                                  ("max_num_batched_tokens", options.max_num_batched_tokens)) if v is not None}
+    return LLM(**backend, **optional,model=model, dtype=_resolve_dtype(options.dtype, model), max_model_len=options.max_model_len,
+               kv_cache_dtype=kv_cache_dtype,
                tensor_parallel_size=options.tensor_parallel_size, enforce_eager=options.enforce_eager,
                kv_cache_memory_bytes=options.kv_cache_memory_bytes, skip_tokenizer_init=True)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rotq.kernels.kv4 import (
-    cache_views,
+    page_views,
     dequantize_kv,
     kv4_attention,
     kv4_attention_reference,
@@ -29,8 +29,18 @@ def _strided_cache(num_blocks, block_size, H, D):
 
 
 def test_row_layout_and_capacity():
-    assert row_bytes(64) == 72 and row_bytes(128) == 136
+    assert row_bytes(64) == 73 and row_bytes(128) == 137
     assert 2 * 64 * 2 / row_bytes(64) > 3.5  # bf16 K+V bytes per token-head over ours
+    cache = new_cache(3, 16, 2, 64)
+    codes, scales, zeros = page_views(cache, 64)
+    scales[1, 1, 5, 1] = 2.5  # the V scale of head 1, slot 5 in block 1
+    zeros[1, 1, 5] = 0x3A
+    codes[1, 1, 5, 40] = 7
+    page = cache[1].reshape(-1)
+    r, S = 1 * 16 + 5, 2 * 16
+    assert page[r * 64 + 40] == 7 and page[S * 64 + S * 8 + r] == 0x3A
+    assert page[S * 64 + r * 8 + 4: S * 64 + r * 8 + 8].view(torch.float32).item() == 2.5
+    assert cache[0].sum() == 0 and cache[2].sum() == 0
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         row_bytes(80)
 
@@ -50,9 +60,10 @@ def test_store_equals_the_calibration_quantizer(T, H, D, symmetric):
         flat = lambda X: X.permute(0, 2, 1, 3).reshape(-1, H, D)[slots]  # noqa: E731
         assert torch.equal(flat(K), fake_quantize_kv(k, args))
         assert torch.equal(flat(V), fake_quantize_kv(v, args))
-        untouched = torch.ones(8 * 16, dtype=torch.bool)
-        untouched[slots] = False
-        assert not cache.cpu().permute(0, 2, 1, 3).reshape(-1, H, row_bytes(D))[untouched].any()
+        written = torch.zeros(8, H, 16, dtype=torch.bool)
+        written[slots // 16, :, slots % 16] = True
+        codes, scales, zeros = page_views(cache.cpu(), D)
+        assert not codes[~written].any() and not scales[~written].any() and not zeros[~written].any()
     ref = new_cache(16, 16, H, D)[1::2]
     kv_store_reference(k, v, ref, slots, 0.95, symmetric)
     cache = _strided_cache(8, 16, H, D)
@@ -90,8 +101,10 @@ def test_attention_matches_float64(lens, Hq, Hkv, D, chunk):
 
 
 def test_bad_caches_are_refused():
-    with pytest.raises(ValueError, match="rows of 72 bytes"):
-        cache_views(torch.zeros(2, 1, 4, 64, dtype=torch.uint8), 64)
-    odd = torch.zeros(2 * 4 * 73 + 1, dtype=torch.uint8)[1:].reshape(2, 1, 4, 73)[..., :72]
-    with pytest.raises(ValueError, match="even byte offsets"):
+    with pytest.raises(ValueError, match="block_size, 73"):
+        page_views(torch.zeros(2, 1, 4, 64, dtype=torch.uint8), 64)
+    odd = torch.zeros(2 * 4 * 73 + 1, dtype=torch.uint8)[1:].reshape(2, 1, 4, 73)
+    with pytest.raises(ValueError, match="multiples of 4 bytes"):
         kv_quant_store(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), odd, torch.zeros(1, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        page_views(new_cache(2, 4, 2, 64).transpose(1, 2), 64)
