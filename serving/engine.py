@@ -25,7 +25,7 @@ class EngineOptions:
     dtype: str = "auto"  # "auto": see _resolve_dtype
     kv_cache_memory_bytes: int = 256 << 20
     enforce_eager: bool = True
-    kv_cache_dtype: str = "auto"  # "auto": see kv_cache_dtype_for
+    kv_cache_dtype: str | None = None  # None: kv_cache_dtype_for(model); else vLLM's name ("auto": 16-bit)
     block_size: int | None = None  # tokens per KV page (None: vLLM's default)
     max_num_batched_tokens: int | None = None  # smaller than a prompt: chunked prefill
 
@@ -65,7 +65,7 @@ def make_engine(model: str, options: EngineOptions = EngineOptions()):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
             ",".join(str(c) for c in ordered[r * per_rank:(r + 1) * per_rank]) or str(ordered[-1])
             for r in range(options.tensor_parallel_size)))
-    kv_cache_dtype = kv_cache_dtype_for(model) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
+    kv_cache_dtype = kv_cache_dtype_for(model) if options.kv_cache_dtype is None else options.kv_cache_dtype
     backend = {"attention_backend": "CUSTOM"} if kv_cache_dtype == KV4_DTYPE and torch.cuda.is_available() else {}
     optional = {k: v for k, v in (("block_size", options.block_size),
                                   ("max_num_batched_tokens", options.max_num_batched_tokens)) if v is not None}

@@ -23,6 +23,7 @@ from rotq.serving.engine import (  # noqa: E402
     EngineOptions,
     close_engine,
     greedy_tokens,
+    kv_cache_dtype_for,
     make_engine,
     prompt_logprobs,
 )
@@ -79,6 +80,11 @@ def tiny_kv4(tiny_model_dir, tmp_path_factory):
                  "--rotation", "hadamard", "--method", "gptq", "--calib", str(root / "text.txt"),
                  "--nsamples", "8", "--seqlen", "64"]) == 0
     return out
+
+
+def test_kv4_checkpoints_choose_the_int4_cache(tiny_kv4, tiny_model_dir):
+    assert kv_cache_dtype_for(str(tiny_kv4)) == "int4_per_token_head"
+    assert kv_cache_dtype_for(str(tiny_model_dir("llama"))) == "auto"
 
 
 def test_tiny_w4a4kv4_matches_reference_through_the_int4_cache(tiny_kv4, tiny_model_dir):
