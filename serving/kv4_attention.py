@@ -120,8 +120,9 @@ def layer_kv_scheme(layer) -> tuple[KVCacheArgs, bool]:
 
 
 def kv4_store(layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
-    """Quantize the new tokens' K (after R3) and V into the pages at ``slot_mapping``."""
+              slot_mapping: torch.Tensor, triton: bool | None = None) -> None:
+    """Quantize the new tokens' K (after R3) and V into the pages at ``slot_mapping`` (with the
+    Triton kernel when ``triton``, by default on CUDA)."""
     args, r3 = layer_kv_scheme(layer)
     T = slot_mapping.shape[0]
     key, value = key[:T], value[:T]
@@ -130,7 +131,7 @@ def kv4_store(layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Ten
     valid = slot_mapping >= 0  # padded tokens carry slot -1
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    if kv_cache.is_cuda:
+    if kv_cache.is_cuda if triton is None else triton:
         kv4.kv_quant_store(key.contiguous(), value.contiguous(), kv_cache, slot_mapping, args.clip_ratio,
                            args.symmetric)
     else:
@@ -138,15 +139,17 @@ def kv4_store(layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Ten
 
 
 def kv4_forward(layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: KV4Metadata, scale: float,
-                output: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the step's query tokens over the pages (their own K/V already stored)."""
+                output: torch.Tensor, triton: bool | None = None) -> torch.Tensor:
+    """Causal attention of the step's query tokens over the pages (their own K/V already
+    stored); the Triton kernel when ``triton`` (by default on CUDA), else per request: gather
+    and dequantize its pages, then SDPA."""
     _, r3 = layer_kv_scheme(layer)
     T = meta.num_actual_tokens
     q = query[:T]
     if r3:
         q = apply_hadamard(q)
     out = output[:T].view(T, q.shape[1], q.shape[2])
-    if kv_cache.is_cuda:
+    if kv_cache.is_cuda if triton is None else triton:
         kv4.kv4_attention(q.contiguous(), kv_cache, meta.block_table, meta.seq_idx, meta.positions, scale, out=out)
         return output
     D = q.shape[-1]
