@@ -67,6 +67,8 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
         result = {"scheme": scheme, "rotation": rotation, "method": _label(method, extra),
                   "calib_seconds": rep["seconds"], "quantize_wall_seconds": time.perf_counter() - t0,
                   "peak_rss_mb": rep["peak_rss_mb"]}
+        if rep.get("act_clip_search"):
+            result["act_clip_search"] = rep["act_clip_search"]
     result["wikitext2"] = _ppl(model, str(a.wikitext2), a.windows, 2048, tmp)
     result["wikisum"] = _ppl(model, "wikisum", a.wikisum_windows, 2048, tmp)
     if row is not None:

@@ -40,6 +40,8 @@ def test_quantize_then_eval_through_the_cli(tiny_model_dir, text_file, tmp_path,
     assert qc["quant_method"] == "rotq" and qc["kv_cache"]["bits"] == 4
     report = json.loads((out / "calibration_report.json").read_text())
     assert report["provenance"]["options"]["method"] == "qep+gptq"  # the W4A4KV4 default
+    fitted = report["act_clip_search"]["clip_ratio"]  # fitted by default
+    assert qc["activations"]["clip_ratio"] == fitted == report["provenance"]["options"]["a_clip"]
 
     ppl_json = tmp_path / "ppl.json"
     assert main(["eval", str(out), "--ppl", str(text_file), "--windows", "2", "--seqlen", "32",
@@ -65,6 +67,7 @@ def test_recipe_sets_options_and_flags_override(tiny_model_dir, text_file, tmp_p
     assert qc["weights"]["bits"] == 3
     assert qc["activations"] is None
     report = json.loads((out / "calibration_report.json").read_text())
+    assert report["act_clip_search"] is None  # nothing to fit without activation quantization
     assert report["provenance"]["options"]["method"] == "rtn"
 
 
