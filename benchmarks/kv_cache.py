@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 KV_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+ERROR_LINE = re.compile(r"Worker proc \S+ died unexpectedly|\w+Error: .*")
 
 # name -> (which model, vLLM dtype, kv_cache_dtype, extra environment)
 CONFIGS = {
@@ -89,7 +90,8 @@ def main() -> None:
         if proc.returncode == 0:
             row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         else:
-            row["error"] = log.strip().splitlines()[-1][:300]
+            failure = ERROR_LINE.search(log)
+            row["error"] = failure.group(0)[:200] if failure else f"exit status {proc.returncode}"
         rows.append(row)
         print(f"{name}: {row.get('vllm_kv_line')}, ppl {row.get('ppl', 'n/a')}", flush=True)
     base = next(r["tokens"] for r in rows if r["config"] == "fp, bf16 cache")
