@@ -121,6 +121,9 @@ def _add_eval(sub) -> None:
                    help="torch: the PyTorch reference (default); vllm: vLLM with the rotq plugin "
                         "(prompt logprobs)")
     p.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size (--engine vllm)")
+    p.add_argument("--kl-vs", metavar="FP_MODEL",
+                   help="also the mean KL divergence and top-1 agreement of the next-token distribution "
+                        "against this (full-precision) model on the same windows (torch engine)")
 
 
 def _add_serve(sub) -> None:
@@ -331,7 +334,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.windows is not None and args.windows <= 0:
         raise RotqError(f"--windows must be positive, got {args.windows}")
+    if args.kl_vs is not None and args.engine != "torch":
+        raise RotqError("--kl-vs compares full distributions, which only the torch engine gives; drop --engine vllm")
     text = load_text(args.ppl, "test")
+    extra = {}
     if args.engine == "vllm":
         result, quantized = _vllm_eval(args, text)
     else:
@@ -340,12 +346,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids = tokenize_text(tokenizer, text)
         windows = eval_windows(ids, args.windows, args.seqlen)
         result, quantized = perplexity(model, windows, args.batch_size), scheme is not None
+        if args.kl_vs is not None:
+            extra = _divergence(model, tokenizer, args, windows).to_dict()
     print(f"{args.model}: ppl {result.ppl:.4f} on {args.ppl} ({result.windows} x {result.seqlen}, "
           f"{result.tokens} tokens){' [quantized]' if quantized else ''}"
           f"{' [vllm]' if args.engine == 'vllm' else ''}")
+    if extra:
+        print(f"  vs {args.kl_vs}: mean KL {extra['kl_vs_reference']:.4f} nats, "
+              f"top-1 agreement {100 * extra['top1_agreement']:.2f} %")
     if args.json is not None:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        args.json.write_text(json.dumps(result.to_dict() | extra, indent=2) + "\n")
     return 0
+
+
+def _divergence(model, tokenizer, args: argparse.Namespace, windows):
+    """KL and top-1 agreement against --kl-vs, which must share the tokenizer."""
+    from rotq.quant.divergence import divergence
+    from rotq.quant.models import load_model
+
+    reference, ref_tokenizer = load_model(args.kl_vs)
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RotqError(f"--kl-vs {args.kl_vs} has a different tokenizer than {args.model}; "
+                        "compare a quantized model with the model it was made from")
+    return divergence(model, reference, windows, args.batch_size)
 
 
 def _vllm_eval(args: argparse.Namespace, text: str):
