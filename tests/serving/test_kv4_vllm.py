@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("vllm")
 
+from reference import reference_greedy, reference_logprobs  # noqa: E402  (tests/serving/reference.py)
+
 from rotq.export.rotq_format import load_rotq  # noqa: E402
 from rotq.kernels.kv4 import row_bytes  # noqa: E402
 from rotq.quant.cli import main  # noqa: E402
@@ -31,20 +33,6 @@ from rotq.serving.engine import (  # noqa: E402
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city "
         "of France. A rotation of the hidden state leaves the output of the network unchanged. ") * 60
 PAGED = dict(block_size=32, max_num_batched_tokens=48)
-
-
-def _reference_greedy(model, prompts, n):
-    out = []
-    for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        out.append(ids[0, len(p):].tolist())
-    return out
-
-
-def _reference_logprobs(model, windows):
-    with torch.no_grad():
-        lp = torch.log_softmax(model(windows).logits.double(), -1)
-    return lp[:, :-1].gather(-1, windows[:, 1:, None])[..., 0]
 
 
 def _check_greedy(model, prompts, got, ref, slack=0.5):
@@ -94,8 +82,8 @@ def test_tiny_w4a4kv4_matches_reference_through_the_int4_cache(tiny_kv4, tiny_mo
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 7, 37, 100)]
     shared = prompts[3][:70] + torch.randint(3, 512, (9,), generator=g).tolist()
     windows = torch.randint(3, 512, (3, 97), generator=g)
-    ref_tokens = _reference_greedy(model, prompts + [shared], 12)
-    ref_lp = _reference_logprobs(model, windows)
+    ref_tokens = reference_greedy(model, prompts + [shared], 12)
+    ref_lp = reference_logprobs(model, windows)
 
     llm = make_engine(str(tiny_kv4), EngineOptions(max_model_len=128, kv_cache_memory_bytes=16 << 20, **PAGED))
     assert llm.llm_engine.vllm_config.cache_config.cache_dtype == "int4_per_token_head"  # chosen for KV4
@@ -131,7 +119,7 @@ def test_smollm2_kv4_greedy_tokens_match_reference(smollm2_kv4):
              "forest. Whenever she went out, the little girl wore a red riding cloak, so everyone in the "
              "village called her Little Red Riding Hood. One morning")
     prompts = [tok(t).input_ids for t in texts]
-    ref = _reference_greedy(model, prompts, 16)
+    ref = reference_greedy(model, prompts, 16)
     llm = make_engine(str(smollm2_kv4), EngineOptions(max_model_len=256, kv_cache_memory_bytes=32 << 20, **PAGED))
     got = greedy_tokens(llm, prompts, 16)
     again = greedy_tokens(llm, [prompts[3]], 16)  # from its cached pages

@@ -28,6 +28,8 @@ import torch
 
 pytest.importorskip("vllm")
 
+from reference import reference_greedy, reference_logprobs  # noqa: E402  (tests/serving/reference.py)
+
 from rotq.export.rotq_format import load_rotq  # noqa: E402
 from rotq.quant.cli import main  # noqa: E402
 from rotq.serving.engine import (  # noqa: E402
@@ -49,20 +51,6 @@ def text_file(tmp_path_factory):
     return path
 
 
-def _reference_greedy(model, prompts, n):
-    out = []
-    for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        out.append(ids[0, len(p):].tolist())
-    return out
-
-
-def _reference_logprobs(model, windows):
-    with torch.no_grad():
-        lp = torch.log_softmax(model(windows).logits.double(), -1)
-    return lp[:, :-1].gather(-1, windows[:, 1:, None])[..., 0]
-
-
 @pytest.fixture(scope="module")
 def tiny_w4a4(tiny_model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "w4a4"
@@ -74,7 +62,7 @@ def tiny_w4a4(tiny_model_dir, text_file, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 7, 37)]
     windows = torch.randint(3, 512, (3, 61), generator=g)
-    return out, prompts, _reference_greedy(model, prompts, 12), windows, _reference_logprobs(model, windows)
+    return out, prompts, reference_greedy(model, prompts, 12), windows, reference_logprobs(model, windows)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -102,7 +90,7 @@ def test_smollm2_greedy_tokens_match_reference(smollm2_w4a16):
     model, tok, _ = load_rotq(smollm2_w4a16)
     prompts = [tok(t).input_ids for t in ("The capital of France is", "In 1905, Albert Einstein",
                                           "Water boils at", "Once upon a time, there was")]
-    ref = _reference_greedy(model, prompts, 16)
+    ref = reference_greedy(model, prompts, 16)
     llm = make_engine(str(smollm2_w4a16), EngineOptions(max_model_len=256, kv_cache_memory_bytes=32 << 20))
     assert greedy_tokens(llm, prompts, 16) == ref
     close_engine(llm)
