@@ -23,7 +23,7 @@ override). On CUDA it registers :class:`RotqKV4Backend` as the CUSTOM backend
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,6 @@ def kv4_spec(spec: AttentionSpec) -> AttentionSpec:
     if spec.head_size_v != spec.head_size:
         raise ValueError(f"rotq's int4 KV cache needs equal K and V head sizes, got {spec.head_size} "
                          f"and {spec.head_size_v}")
-    from dataclasses import replace
-
     return replace(spec, state_content_bytes=kv4.row_bytes(spec.head_size))
 
 
@@ -71,10 +69,8 @@ def kv4_spec(spec: AttentionSpec) -> AttentionSpec:
 @dataclass
 class KV4Metadata:
     num_actual_tokens: int
-    query_start_loc: torch.Tensor  # [num_reqs + 1], on the device
-    query_start_loc_cpu: torch.Tensor
-    seq_lens: torch.Tensor  # [num_reqs], tokens in the cache after this step, on the device
-    seq_lens_cpu: torch.Tensor
+    query_start_loc_cpu: torch.Tensor  # [num_reqs + 1]
+    seq_lens_cpu: torch.Tensor  # [num_reqs]: tokens in the cache after this step
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
     seq_idx: torch.Tensor  # [num_actual_tokens]: the request of each query token
@@ -91,13 +87,12 @@ def build_kv4_metadata(common: CommonAttentionMetadata) -> KV4Metadata:
     positions = torch.arange(int(qsl_cpu[-1])) - qsl_cpu[:-1][seq_idx] + (seq_cpu - qlens)[seq_idx]
     device = common.seq_lens.device
     T = common.num_actual_tokens
-    return KV4Metadata(T, common.query_start_loc[: n + 1], qsl_cpu, common.seq_lens[:n], seq_cpu,
-                       common.block_table_tensor[:n], common.slot_mapping[:T],
+    return KV4Metadata(T, qsl_cpu, seq_cpu, common.block_table_tensor[:n], common.slot_mapping[:T],
                        seq_idx.to(device), positions.to(device))
 
 
 class KV4MetadataBuilder(AttentionMetadataBuilder[KV4Metadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in the base class
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
