@@ -121,13 +121,31 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     """Load the model (eval mode, SDPA attention) and its tokenizer, after the cheap checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     model_dir = resolve_model_dir(spec)
     check_architecture(model_dir)
     logger.info("loading %s from %s (%s)", spec, model_dir, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    except (SafetensorError, OSError, RuntimeError) as exc:  # truncated or corrupt weight files
+        raise RotqError(f"cannot load the weights of {str(model_dir)!r} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0]}); the checkpoint is incomplete or corrupt: "
+                        "copy or download it again") from exc
     model.eval()
+    check_finite(model, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
+
+
+def check_finite(model: torch.nn.Module, where) -> None:
+    """NaN or Inf in a weight would turn every Hessian and every output into NaN: refuse early."""
+    bad = [(name, int((~torch.isfinite(p)).sum())) for name, p in model.named_parameters()
+           if not torch.isfinite(p).all()]
+    if bad:
+        listed = ", ".join(f"{name} ({count})" for name, count in bad[:3])
+        raise RotqError(f"{str(where)!r} has NaN or Inf weights: {listed}{' ...' if len(bad) > 3 else ''}; "
+                        "the checkpoint is corrupt")
 
 
 def prepare_builtin(name: str) -> Path:

@@ -129,6 +129,28 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(["serve", str(broken)], capsys, "format_version is 7")
 
 
+def test_corrupt_checkpoints_are_refused(tiny_model_dir, text_file, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir("llama"), truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _bad(_quantize_args(truncated, tmp_path / "o", text_file), capsys, "incomplete or corrupt")
+    _bad(["eval", str(truncated), "--ppl", str(text_file), "--seqlen", "32"], capsys, "incomplete or corrupt")
+
+    nan = tmp_path / "nan"
+    shutil.copytree(tiny_model_dir("llama"), nan)
+    state = load_file(nan / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("inf")
+    save_file(state, nan / "model.safetensors", metadata={"format": "pt"})
+    _bad(_quantize_args(nan, tmp_path / "o", text_file), capsys,
+         "NaN or Inf weights: model.layers.1.mlp.up_proj.weight (1)")
+    assert not (tmp_path / "o").exists()
+
+
 def test_console_script_exit_status(tmp_path):
     """The installed `rotq` entry point: a user mistake is one line on stderr and status 2."""
     exe = Path(sys.executable).parent / "rotq"
