@@ -93,7 +93,7 @@ class RotqConfig(QuantizationConfig):
         if kv is not None and kv.bits == 4 and kv_cache_dtype != KV4_DTYPE and not self._warned_kv:
             self._warned_kv = True
             logger.warning(
-                "rotq: this checkpoint was calibrated with a 4-bit KV cache, but vLLM runs a %s cache; "
+                "rotq: this checkpoint was calibrated with a 4-bit KV cache, but vLLM's KV cache dtype is %r; "
                 "pass --kv-cache-dtype %s (`rotq serve` does) for the int4 cache. With a 16-bit cache "
                 "the model is the calibrated one minus KV quantization (R3 cancels in Q·Kᵀ).",
                 kv_cache_dtype, KV4_DTYPE)
