@@ -12,6 +12,7 @@ Reference: ``rotq.quant.hadamard.apply_hadamard`` (and ``int4_gemm.act_quant_ref
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from rotq.quant.hadamard import _base, _split
 
-_RINT = 12582912.0
+_RINT = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -31,8 +32,7 @@ def _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n,
     x = tl.load(x_ptr + row * stride_x + rk[:, None] * P + rp[None, :], mask=rk[:, None] < K, other=0.0)
     x = x.to(tl.float32)
     for s in tl.static_range(LOG_P):
-        h: tl.constexpr = 1 << s
-        y = tl.permute(tl.reshape(x, (KP, P // (2 * h), 2, h)), (0, 1, 3, 2))
+        y = tl.permute(tl.reshape(x, (KP, P // (2 << s), 2, 1 << s)), (0, 1, 3, 2))
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (KP, P))
     if HAS_A:
@@ -57,10 +57,10 @@ def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, at_ptr, K, stride_x, stride_q, i
                            KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
     row = tl.program_id(0)
     y = _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n, KP, P, LOG_P, HAS_A)
-    scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * clip / 7.0
+    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(y), axis=1), axis=0) * clip, 7.0)
     scale = tl.where(scale > 0, scale, 1.0)
     tl.store(s_ptr + row, scale)
-    q = tl.minimum(tl.maximum(((y / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+    q = tl.minimum(tl.maximum((tl.math.div_rn(y, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
     lo, hi = tl.split(tl.reshape(q, (KP, P // 2, 2)))
     byte = lo.to(tl.int32) | (hi.to(tl.int32) << 4)
     rk = tl.arange(0, KP)
@@ -70,6 +70,13 @@ def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, at_ptr, K, stride_x, stride_q, i
 
 
 def _plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
+    """(K, P, padded K, Aᵀ on ``device`` or None) for size n = K·P, made once per size and
+    device: a host-to-device copy per call would also break CUDA graph capture."""
+    return _plan_cached(n, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_cached(n: int, device: str) -> tuple[int, int, int, torch.Tensor | None]:
     split = _split(n)
     if split is None:
         raise ValueError(f"no Hadamard matrix of size {n} (need 2^m · K, K in 1, 12, 20, 28, 36, ...)")
@@ -83,6 +90,12 @@ def _plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
         at[:k, :k] = _base(k).T.float()
         at = at.to(device)
     return k, p, kp, at
+
+
+def num_warps(elements: int) -> int:
+    """Warps for a program that holds ``elements`` float32 values in registers: about 16 per
+    thread, so that a 14336-wide row (32 × 512 after padding) does not spill."""
+    return max(4, min(32, triton.next_power_of_2(elements) // 512))
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -100,7 +113,7 @@ def hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     if rows.shape[0]:
         _hadamard_kernel[(rows.shape[0],)](rows, y, at if at is not None else rows, k, rows.stride(0), y.stride(0),
                                            1.0 / math.sqrt(n), KP=kp, P=p, LOG_P=p.bit_length() - 1,
-                                           HAS_A=at is not None)
+                                           HAS_A=at is not None, num_warps=num_warps(kp * p))
     return y.reshape(x.shape)
 
 
@@ -116,5 +129,5 @@ def hadamard_act_quant(x: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor
     if M:
         _hadamard_quant_kernel[(M,)](rows, q, s, at if at is not None else rows, k, rows.stride(0), q.stride(0),
                                      1.0 / math.sqrt(n), float(clip_ratio), KP=kp, P=p,
-                                     LOG_P=p.bit_length() - 1, HAS_A=at is not None)
+                                     LOG_P=p.bit_length() - 1, HAS_A=at is not None, num_warps=num_warps(kp * p))
     return q, s

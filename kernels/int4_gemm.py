@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-_RINT = 12582912.0  # 1.5 * 2**23: (v + c) - c rounds half to even in float32 for |v| < 2**22
+_RINT = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + c) - c rounds half to even in float32 for |v| < 2**22
 
 
 def _blocks(M: int) -> tuple[int, int, int]:
@@ -65,7 +65,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, clip,
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.max(amax, axis=0) * clip / 7.0
+    scale = tl.math.div_rn(tl.max(amax, axis=0) * clip, 7.0)
     scale = tl.where(scale > 0, scale, 1.0)
     tl.store(s_ptr + row, scale)
     half = K // 2
@@ -74,8 +74,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, clip,
         mask = j < half
         xe = tl.load(x_row + 2 * j, mask=mask, other=0.0).to(tl.float32)
         xo = tl.load(x_row + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
-        qe = tl.minimum(tl.maximum(((xe / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
-        qo = tl.minimum(tl.maximum(((xo / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+        qe = tl.minimum(tl.maximum((tl.math.div_rn(xe, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+        qo = tl.minimum(tl.maximum((tl.math.div_rn(xo, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
         byte = qe.to(tl.int32) | (qo.to(tl.int32) << 4)
         tl.store(q_ptr + row * stride_q + j, byte.to(tl.uint8), mask=mask)
 
@@ -93,7 +93,8 @@ def act_quant(x: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.T
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         BLOCK = min(4096, triton.next_power_of_2(K))
-        _act_quant_kernel[(M,)](x2, q, s, K, x2.stride(0), q.stride(0), float(clip_ratio), BLOCK=BLOCK)
+        _act_quant_kernel[(M,)](x2, q, s, K, x2.stride(0), q.stride(0), float(clip_ratio), BLOCK=BLOCK,
+                                num_warps=max(4, BLOCK // 512))
     return q, s
 
 
@@ -212,7 +213,8 @@ def w4a4_gemm(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Ten
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_x, stride_w, stride_ws, stride_c,
-                  M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -223,7 +225,7 @@ def _w4a16_kernel(x_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_x, stride_w, stri
         w = _unpack_weight_tile(w_ptr, offs_n, k0, N, stride_w, BLOCK_K).to(tl.float32)
         s = tl.load(ws_ptr + offs_n * stride_ws + k0 // GROUP, mask=offs_n < N, other=0.0)
         w = (w * s[:, None]).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32, input_precision=PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(c_ptr + offs_m[:, None] * stride_c + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -248,5 +250,5 @@ def w4a16_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor) -
     if M:
         _launch(_w4a16_kernel, _w4a16_tuned, M, N, (BLOCK_M, BLOCK_N),
                 (x2, w_packed, ws, c, M, N, K, x2.stride(0), w_packed.stride(0), ws.stride(0), c.stride(0)),
-                GROUP=G, BLOCK_K=BLOCK_K)
+                GROUP=G, BLOCK_K=BLOCK_K, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")
     return c.reshape(*x.shape[:-1], N)

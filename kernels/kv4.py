@@ -25,7 +25,9 @@ clip · max|x| / 7, code = clamp(round(x / scale), −8, 7) + 8, stored with zer
 ``kv4_attention`` serves decode and (chunked) prefill alike: every query token carries its
 sequence index and absolute position and attends to that sequence's cached tokens 0..position
 (its own K/V must be stored first), with GQA (query head h reads KV head h // (H_q / H_kv)).
-One program per (query token, query head), an online softmax over blocks of cached tokens.
+One program per (query token, KV head, context split) serves the KV head's whole query group
+with an online softmax over tiles of 32 cached tokens; long contexts are split across programs
+(flash-decoding) and a second kernel merges the splits.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from rotq.quant.quantizer import kv_grid
 from rotq.quant.scheme import KVCacheArgs
 
 META_BYTES = 9  # float32 K and V scales, one byte of K|V zero points
-_RINT = 12582912.0  # 1.5 * 2^23: (x + _RINT) - _RINT rounds half to even, as torch.round
+# Bit-exact with calibration's quantizer: no fused multiply-add (on an H200 the compiler fused
+# (max·clip) − (min·clip) into one FMA, so a few codes differed from calibration's).
+EXACT_FLOAT = {"enable_fp_fusion": False}
+_RINT = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + _RINT) - _RINT rounds half to even, as torch.round
 
 
 def row_bytes(head_dim: int) -> int:
@@ -167,17 +172,17 @@ def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
     xmin = tl.minimum(tl.min(tl.minimum(xe, xo), axis=0), 0.0) * clip
     xmax = tl.maximum(tl.max(tl.maximum(xe, xo), axis=0), 0.0) * clip
     if SYMMETRIC:
-        scale = tl.maximum(-xmin, xmax) / 7.0
+        scale = tl.math.div_rn(tl.maximum(-xmin, xmax), 7.0)
         scale = tl.where(scale > 0, scale, 1.0)
         zero = 8.0
-        qe = tl.minimum(tl.maximum(((xe / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
-        qo = tl.minimum(tl.maximum(((xo / scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+        qe = tl.minimum(tl.maximum((tl.math.div_rn(xe, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
+        qo = tl.minimum(tl.maximum((tl.math.div_rn(xo, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
     else:
-        scale = (xmax - xmin) / 15.0
+        scale = tl.math.div_rn(xmax - xmin, 15.0)
         scale = tl.where(scale > 0, scale, 1.0)
-        zero = ((-xmin / scale) + _RINT) - _RINT
-        qe = tl.minimum(tl.maximum((((xe / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
-        qo = tl.minimum(tl.maximum((((xo / scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
+        zero = (tl.math.div_rn(-xmin, scale) + _RINT) - _RINT
+        qe = tl.minimum(tl.maximum(((tl.math.div_rn(xe, scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
+        qo = tl.minimum(tl.maximum(((tl.math.div_rn(xo, scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
     return qe.to(tl.int32) | (qo.to(tl.int32) << 4), scale, zero.to(tl.int32)
 
 
@@ -225,33 +230,41 @@ def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, 
         _kv_store_kernel[(T, H)](
             key, value, cache, _float32_view(cache), slot_mapping, key.stride(0), key.stride(1), value.stride(0),
             value.stride(1), cache.stride(0), float(clip_ratio), H=H, BLOCK_SIZE=cache.shape[2], D=D,
-            SYMMETRIC=symmetric)
+            SYMMETRIC=symmetric, **EXACT_FLOAT)
 
 
 # ----------------------------------------------------------------------------- attention
 
 @triton.jit
-def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr,
-                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale,
-                          H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
+                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale, chunk,
+                          H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                          D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    """Program (token t, KV head, split): the GROUP query heads sharing that KV head attend to
+    the cached tokens [split · chunk, min((split + 1) · chunk, position + 1)); each K/V tile is
+    dequantized once for the whole group. With one split the output is written directly, else
+    the unnormalised partial and its (max, sum) go to a workspace that _kv4_combine_kernel reduces."""
     t = tl.program_id(0)
-    h = tl.program_id(1)
-    kvh = h // GROUP
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
     S: tl.constexpr = H_KV * BLOCK_SIZE
     seq = tl.load(seq_ptr + t)
     n = tl.load(pos_ptr + t) + 1
-    d = tl.arange(0, D)
+    g = tl.arange(0, GROUP_P)
+    heads = kvh * GROUP + g
+    in_group = g < GROUP
     j = tl.arange(0, D // 2)
-    q = tl.load(q_ptr + t * stride_qt + h * stride_qh + d).to(tl.float32) * softmax_scale
-    q_even, q_odd = tl.split(tl.reshape(q, (D // 2, 2)))
-    m_i = -float("inf")
-    l_i = 0.0
-    acc_e = tl.zeros([D // 2], dtype=tl.float32)
-    acc_o = tl.zeros([D // 2], dtype=tl.float32)
-    for start in range(0, n, BLOCK_N):
+    q_row = q_ptr + t * stride_qt + heads[:, None] * stride_qh + 2 * j[None, :]
+    q_even = tl.load(q_row, mask=in_group[:, None], other=0.0).to(tl.float32) * softmax_scale
+    q_odd = tl.load(q_row + 1, mask=in_group[:, None], other=0.0).to(tl.float32) * softmax_scale
+    m_i = tl.full([GROUP_P], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc_e = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
+    acc_o = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
+    end = tl.minimum(sp * chunk + chunk, n)
+    for start in range(sp * chunk, end, BLOCK_N):
         toks = start + tl.arange(0, BLOCK_N)
-        valid = toks < n
+        valid = toks < end
         blocks = tl.load(bt_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
         page = blocks.to(tl.int64) * stride_page
         r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
@@ -263,38 +276,99 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
         kz = (zp & 0xF).to(tl.float32)
         k_e = ((kp & 0xF).to(tl.float32) - kz[:, None]) * ks[:, None]
         k_o = ((kp >> 4).to(tl.float32) - kz[:, None]) * ks[:, None]
-        s = tl.sum(k_e * q_even[None, :] + k_o * q_odd[None, :], axis=1)
-        s = tl.where(valid, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        s = tl.dot(q_even, tl.trans(k_e), input_precision="ieee") + tl.dot(q_odd, tl.trans(k_o),
+                                                                              input_precision="ieee")
+        s = tl.where(valid[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
+        p = tl.exp(s - m_new[:, None])
         vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
         vs = tl.load(scale_ptr + sc + 1, mask=valid, other=1.0)
         vz = (zp >> 4).to(tl.float32)
         v_e = ((vp & 0xF).to(tl.float32) - vz[:, None]) * vs[:, None]
         v_o = ((vp >> 4).to(tl.float32) - vz[:, None]) * vs[:, None]
-        acc_e = acc_e * alpha + tl.sum(p[:, None] * v_e, axis=0)
-        acc_o = acc_o * alpha + tl.sum(p[:, None] * v_o, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision="ieee")
+        acc_o = acc_o * alpha[:, None] + tl.dot(p, v_o, input_precision="ieee")
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    out = tl.reshape(tl.join(acc_e / l_i, acc_o / l_i), (D,))
+    d = tl.arange(0, D)
+    if SPLITS == 1:
+        out = tl.reshape(tl.join(acc_e / l_i[:, None], acc_o / l_i[:, None]), (GROUP_P, D))
+        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=in_group[:, None])
+    else:
+        row = (t * (H_KV * GROUP) + heads) * SPLITS + sp  # workspace [T, H_q, SPLITS, ...]
+        tl.store(part_ptr + row[:, None] * D + d[None, :], tl.reshape(tl.join(acc_e, acc_o), (GROUP_P, D)),
+                 mask=in_group[:, None])
+        tl.store(ml_ptr + row * 2, m_i, mask=in_group)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=in_group)
+
+
+@triton.jit
+def _kv4_combine_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H_Q: tl.constexpr, SPLITS: tl.constexpr,
+                        SPLITS_P: tl.constexpr, D: tl.constexpr):
+    """out[t, h] = Σ_s e^(m_s − M) acc_s / Σ_s e^(m_s − M) l_s over the splits of (t, h); a split
+    past the sequence's end has m = −inf, l = 0 and weighs nothing."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_P)
+    row = (t * H_Q + h) * SPLITS + sp
+    used = sp < SPLITS
+    m = tl.load(ml_ptr + row * 2, mask=used, other=-float("inf"))
+    l_s = tl.load(ml_ptr + row * 2 + 1, mask=used, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    d = tl.arange(0, D)
+    acc = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
+_BLOCK_N = 32
+_MIN_SPLIT_TOKENS = 256
+
+
+def _num_splits(T: int, Hkv: int, max_context: int, device: torch.device) -> int:
+    """Enough splits of the context to give every multiprocessor two programs, each split at
+    least 256 tokens long; one split for prefill-sized batches and on CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // max(T * Hkv, 1))
+    return max(1, min(want, max_context // _MIN_SPLIT_TOKENS))
+
+
 def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_idx: torch.Tensor,
-                  positions: torch.Tensor, softmax_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                  positions: torch.Tensor, softmax_scale: float, out: torch.Tensor | None = None,
+                  splits: int | None = None) -> torch.Tensor:
     """Attention of q [T, H_q, D] over the int4 paged cache (see the module docstring); writes
-    into ``out`` [T, H_q, D] when given."""
+    into ``out`` [T, H_q, D] when given. ``splits`` divides each sequence's context among that
+    many programs (flash-decoding), reduced by a second kernel; by default it is chosen from the
+    GPU's size and the block table's width (no host sync, so the call can be graph-captured)."""
     T, Hq, D = q.shape
     _check_cache(cache, D)
     Hkv = cache.shape[1]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     out = torch.empty_like(q) if out is None else out
-    if T:
-        bt = block_tables.to(torch.int32).contiguous()
-        _kv4_attention_kernel[(T, Hq)](
-            q, cache, _float32_view(cache), bt, seq_idx.to(torch.int32), positions.to(torch.int32), out,
-            q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
-            float(softmax_scale), H_KV=Hkv, BLOCK_SIZE=cache.shape[2], GROUP=Hq // Hkv, D=D, BLOCK_N=32)
+    if not T:
+        return out
+    block_size = cache.shape[2]
+    max_context = block_tables.shape[1] * block_size
+    splits = splits or _num_splits(T, Hkv, max_context, q.device)
+    chunk = triton.cdiv(triton.cdiv(max_context, splits), _BLOCK_N) * _BLOCK_N
+    group = Hq // Hkv
+    if splits > 1:
+        part = torch.empty(T, Hq, splits, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(T, Hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out  # unused
+    bt = block_tables.to(torch.int32).contiguous()
+    _kv4_attention_kernel[(T, Hkv, splits)](
+        q, cache, _float32_view(cache), bt, seq_idx.to(torch.int32), positions.to(torch.int32), out, part, ml,
+        q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
+        float(softmax_scale), chunk, H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group,
+        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
+    if splits > 1:
+        _kv4_combine_kernel[(T, Hq)](part, ml, out, out.stride(0), out.stride(1), H_Q=Hq, SPLITS=splits,
+                                     SPLITS_P=triton.next_power_of_2(splits), D=D)
     return out

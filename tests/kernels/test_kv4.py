@@ -71,14 +71,17 @@ def test_store_equals_the_calibration_quantizer(T, H, D, symmetric):
     assert torch.equal(cache.cpu(), ref)  # byte for byte, meta included
 
 
-@pytest.mark.parametrize("lens,Hq,Hkv,D,chunk", [
-    ([1, 9], 4, 2, 64, 1),        # decode, GQA 2
-    ([37, 5, 20], 6, 3, 64, 1),   # decode, odd lengths, several pages
-    ([23, 11], 4, 1, 128, 7),     # chunked prefill: the last 7 tokens of each sequence as queries
+@pytest.mark.parametrize("lens,Hq,Hkv,D,chunk,splits,max_blocks", [
+    ([1, 9], 4, 2, 64, 1, None, 6),         # decode, GQA 2
+    ([37, 5, 20], 6, 3, 64, 1, None, 6),    # decode, odd lengths, several pages
+    ([23, 11], 4, 1, 128, 7, None, 6),      # chunked prefill: the last 7 tokens of each sequence as queries
+    ([37, 5, 20], 6, 3, 64, 1, 3, 6),       # split context: chunks of 32, the third past every sequence
+    ([301, 77], 8, 2, 64, 3, 5, 40),        # split long context, a chunk of 3 queries per sequence
+    ([45], 12, 12, 64, 2, 2, 6),            # no GQA (group 1, padded to 16 rows)
 ])
-def test_attention_matches_float64(lens, Hq, Hkv, D, chunk):
+def test_attention_matches_float64(lens, Hq, Hkv, D, chunk, splits, max_blocks):
     g = torch.Generator().manual_seed(sum(lens) + Hq + D)
-    block_size, max_blocks = 8, 6
+    block_size = 8
     num_blocks = len(lens) * max_blocks
     cache = _strided_cache(num_blocks, block_size, Hkv, D)
     tables = torch.randperm(num_blocks, generator=g).reshape(len(lens), max_blocks)  # scattered pages
@@ -95,7 +98,8 @@ def test_attention_matches_float64(lens, Hq, Hkv, D, chunk):
     q = torch.stack(qs)
     seq_idx, positions = torch.tensor(seq_idx), torch.tensor(positions)
     scale = D ** -0.5
-    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq_idx.to(DEVICE), positions.to(DEVICE), scale)
+    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq_idx.to(DEVICE), positions.to(DEVICE), scale,
+                        splits=splits)
     ref = kv4_attention_reference(q, cache.cpu(), tables, seq_idx, positions, scale)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
 

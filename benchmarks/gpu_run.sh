@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one call: the kernel tests on CUDA, then benchmarks/kernels.py and
+# benchmarks/layers.py. Runs from the repository root without installing (a PYTHONPATH shim maps
+# rotq.* onto the source folders); logs and JSON go to $OUT (default ./gpu-out). Each step has
+# its own time limit so that one slow step cannot eat the others' time.
+#   bash benchmarks/gpu_run.sh [TESTS_S KERNELS_S LAYERS_S]
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+shim=$(mktemp -d); mkdir "$shim/rotq"; touch "$shim/rotq/__init__.py"
+for d in quant export kernels serving; do ln -s "$PWD/$d" "$shim/rotq/$d"; done
+export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=$(command -v python3)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+step() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - t0)) s"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+step kernel_tests "${1:-150}" $py -m pytest tests/kernels tests/serving/test_kv4_backend.py -q -n 8 -p no:cacheprovider -k "not compiles_for"
+step kernels_bench "${2:-200}" $py benchmarks/kernels.py --models llama3-8b square --json "$OUT/kernels.json"
+TAIL=40 step layers_bench "${3:-200}" $py benchmarks/layers.py --json "$OUT/layers.json"

@@ -1,0 +1,291 @@
+"""End-to-end speed of a stack of Llama-3-8B-shaped decoder layers on one GPU: bf16 against
+rotq's kernels. vLLM does not run on the lent GPU machine, so this is the whole-model speed
+figure there.
+
+Three configurations compute the same function (the bf16 weights are the int4 weights
+dequantized), each captured in a CUDA graph so that launch overhead does not decide decode:
+
+* ``bf16``: cuBLAS GEMMs, SDPA (FlashAttention) over a bf16 KV cache.
+* ``rotq W4A4``: act_quant + w4a4_gemm for every linear (the online Hadamard of down_proj's
+  input fused into its act_quant, as R4 needs), SDPA over a bf16 KV cache.
+* ``rotq W4A4KV4``: the same linears, R3 Hadamard on Q and K, kv_quant_store into the int4 paged
+  cache (vLLM's page layout, pages of 16) and kv4_attention over it, for prefill as for decode
+  (that is what the vLLM backend runs: attention always reads the quantized cache).
+
+RMSNorm (QuaRot folds its weight into the next linear), RoPE and SiLU·mul are the same PyTorch
+ops in all three. Prefill: one sequence of 2k and 8k tokens, tokens/s. Decode: one token per
+sequence for batch 1, 16 and 64 at a context of ``--decode-context`` tokens, tokens/s. The
+first table row also reports how far rotq's output is from bf16's (activation and KV
+quantization on random data; garbage would be ≈ 1.4).
+
+    python benchmarks/layers.py --json benchmarks/results/layers-h200.json
+    python benchmarks/layers.py --smoke --json /tmp/layers-smoke.json   # CPU, Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAPES = {
+    "llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336),
+    "smoke": dict(hidden=128, heads=2, kv_heads=1, head_dim=64, inter=384),
+}
+ACT_CLIP, KV_CLIP, PAGE = 0.9, 0.95, 16
+CONFIGS = ("bf16", "rotq W4A4", "rotq W4A4KV4")
+
+
+@dataclass
+class Layer:
+    """One decoder layer's random int4 weights, packed for rotq and dequantized for bf16 (the
+    down projection's with the online Hadamard folded in, so that both compute one function)."""
+    packed: dict
+    scales: dict
+    dense: dict
+
+
+def make_layer(shape: dict, device, dtype, gen):
+    import torch
+
+    from rotq.kernels.hadamard import hadamard
+    from rotq.kernels.packing import pack_int32
+
+    h, i = shape["hidden"], shape["inter"]
+    qkv = (shape["heads"] + 2 * shape["kv_heads"]) * shape["head_dim"]
+    dims = {"qkv": (qkv, h), "o": (h, shape["heads"] * shape["head_dim"]), "gate_up": (2 * i, h), "down": (h, i)}
+    packed, scales, dense = {}, {}, {}
+    for name, (n, k) in dims.items():
+        codes = torch.randint(-8, 8, (n, k), device=device, generator=gen)
+        scale = (torch.rand(n, 1, device=device, generator=gen) + 0.5) * (0.5 / k ** 0.5)
+        packed[name] = pack_int32(codes, 4, signed=True)
+        scales[name] = scale
+        weight = codes.float() * scale
+        if name == "down":  # rotq computes (x H) Wᵀ (online R4): the same function is x (W Hᵀ)ᵀ
+            weight = weight @ hadamard(torch.eye(k, device=device)).T
+        dense[name] = weight.to(dtype)
+    return Layer(packed, scales, dense)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding, half-split convention, on x [T, H, D] with cos/sin [T, D/2]."""
+    import torch
+    a, b = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1).to(x.dtype)
+
+
+def rms(x):
+    import torch
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+
+class Stack:
+    """The decoder stack in one configuration, with the caches one scenario needs."""
+
+    def __init__(self, config: str, layers: list[Layer], shape: dict, device, dtype):
+        self.config, self.layers, self.shape, self.device, self.dtype = config, layers, shape, device, dtype
+
+    def linear(self, x, layer: Layer, name: str, hadamard: bool = False):
+        from rotq.kernels.hadamard import hadamard_act_quant
+        from rotq.kernels.int4_gemm import act_quant, w4a4_gemm
+        if self.config == "bf16":
+            return x @ layer.dense[name].T
+        q, s = hadamard_act_quant(x, ACT_CLIP) if hadamard else act_quant(x, ACT_CLIP)
+        return w4a4_gemm(q, s, layer.packed[name], layer.scales[name], out_dtype=x.dtype)
+
+    def forward(self, x, attend):
+        """x [T, hidden]; ``attend(i, q, k, v)`` → [T, heads·head_dim] runs layer i's attention."""
+        import torch.nn.functional as F
+        sh = self.shape
+        H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
+        for i, layer in enumerate(self.layers):
+            qkv = self.linear(rms(x), layer, "qkv")
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            a = attend(i, q.reshape(-1, H, D), k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D))
+            x = x + self.linear(a, layer, "o")
+            gate, up = self.linear(rms(x), layer, "gate_up").chunk(2, dim=-1)
+            x = x + self.linear(F.silu(gate) * up, layer, "down", hadamard=self.config != "bf16")
+        return x
+
+
+def _rope_tables(positions, D, device):
+    import torch
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    ang = positions.float()[:, None] * inv[None]
+    return ang.cos(), ang.sin()
+
+
+def prefill_step(stack: Stack, L: int):
+    """A closure running one L-token prompt through the stack (K/V written to the cache)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rotq.kernels.hadamard import hadamard
+    from rotq.kernels.kv4 import kv4_attention, kv_quant_store, new_cache
+    sh, dev = stack.shape, stack.device
+    H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
+    pos = torch.arange(L, device=dev)
+    cos, sin = _rope_tables(pos, D, dev)
+    x = torch.randn(L, sh["hidden"], device=dev, generator=torch.Generator(dev).manual_seed(L)).to(stack.dtype)
+    n = len(stack.layers)
+    if stack.config == "rotq W4A4KV4":
+        caches = [new_cache(L // PAGE + 1, PAGE, Hkv, D, dev) for _ in range(n)]
+        tables = torch.arange(L // PAGE + 1, device=dev, dtype=torch.int32)[None]
+        seq = torch.zeros(L, dtype=torch.int32, device=dev)
+
+        def attend(i, q, k, v):
+            q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
+            kv_quant_store(k, v.contiguous(), caches[i], pos, KV_CLIP)
+            return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5).reshape(L, H * D)
+    else:
+        caches = [torch.empty(2, Hkv, L, D, device=dev, dtype=stack.dtype) for _ in range(n)]
+
+        def attend(i, q, k, v):
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            caches[i][0].copy_(k.transpose(0, 1))
+            caches[i][1].copy_(v.transpose(0, 1))
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], caches[i][0][None], caches[i][1][None],
+                                               is_causal=True, enable_gqa=True)
+            return o[0].transpose(0, 1).reshape(L, H * D)
+    return lambda: stack.forward(x, attend), x
+
+
+def decode_step(stack: Stack, B: int, ctx: int, gen):
+    """A closure running one decode step for B sequences that hold ``ctx - 1`` cached tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from rotq.kernels.hadamard import hadamard
+    from rotq.kernels.kv4 import kv4_attention, kv_quant_store, new_cache
+    sh, dev, dt = stack.shape, stack.device, stack.dtype
+    H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
+    pos = torch.full((B,), ctx - 1, device=dev)
+    cos, sin = _rope_tables(pos, D, dev)
+    x = torch.randn(B, sh["hidden"], device=dev, dtype=dt, generator=gen)
+    n = len(stack.layers)
+    if stack.config == "rotq W4A4KV4":
+        per_seq = -(-ctx // PAGE)
+        caches, slots_all = [], torch.arange(B * per_seq * PAGE, device=dev)
+        for _ in range(n):
+            cache = new_cache(B * per_seq, PAGE, Hkv, D, dev)
+            kv = torch.randn(len(slots_all), Hkv, D, device=dev, generator=gen)
+            kv_quant_store(kv, kv, cache, slots_all, KV_CLIP)
+            caches.append(cache)
+        tables = torch.arange(B * per_seq, device=dev, dtype=torch.int32).reshape(B, per_seq)
+        slots = torch.arange(B, device=dev) * per_seq * PAGE + ctx - 1
+        seq = torch.arange(B, dtype=torch.int32, device=dev)
+
+        def attend(i, q, k, v):
+            q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
+            kv_quant_store(k, v.contiguous(), caches[i], slots, KV_CLIP)
+            return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5).reshape(B, H * D)
+    else:
+        caches = [torch.randn(2, B, Hkv, ctx, D, device=dev, dtype=dt, generator=gen) for _ in range(n)]
+
+        def attend(i, q, k, v):
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            caches[i][0][:, :, ctx - 1] = k
+            caches[i][1][:, :, ctx - 1] = v
+            o = F.scaled_dot_product_attention(q[:, :, None], caches[i][0], caches[i][1], enable_gqa=True)
+            return o.reshape(B, H * D)
+    return lambda: stack.forward(x, attend)
+
+
+def timed(fn, smoke: bool):
+    """(ms per call, whether a CUDA graph was used): the step captured in a graph and its
+    replays timed with do_bench; eager timing where capture fails (the reason is printed)."""
+    import torch
+    fn()
+    fn()
+    if smoke:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3, False
+    import triton.testing
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median"), True
+    except Exception as e:  # noqa: BLE001 - reported, then timed without a graph
+        print(f"  CUDA graph capture failed ({type(e).__name__}: {str(e)[:160]}); timing eagerly", flush=True)
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"), False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--layers", type=int, default=4, help="decoder layers in the stack (default 4)")
+    p.add_argument("--prefill", type=int, nargs="+", default=[2048, 8192], help="prompt lengths")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="decode batch sizes")
+    p.add_argument("--decode-context", type=int, default=4096, help="tokens each decoding sequence attends to")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    a = p.parse_args()
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        a.layers, a.prefill, a.batch, a.decode_context = 1, [37], [1, 3], 40
+    import torch
+    if not a.smoke and not torch.cuda.is_available():
+        sys.exit("benchmarks/layers.py needs a CUDA GPU (or --smoke to check the script on CPU)")
+    dev = "cpu" if a.smoke else "cuda"
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    shape = SHAPES["smoke" if a.smoke else "llama3-8b"]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    layers = [make_layer(shape, dev, dtype, gen) for _ in range(a.layers)]
+    gpu = "cpu-interpreter" if a.smoke else torch.cuda.get_device_name()
+    rows = []
+    with torch.inference_mode():
+        ref = None
+        for L in a.prefill:
+            for config in CONFIGS:
+                step, _ = prefill_step(Stack(config, layers, shape, dev, dtype), L)
+                out = step().float()
+                err = None
+                if ref is None or config == "bf16":
+                    ref = out
+                else:
+                    err = float((out - ref).norm() / ref.norm())
+                ms, graph = timed(step, a.smoke)
+                rows.append({"scenario": f"prefill {L}", "config": config, "tokens": L, "ms": ms,
+                             "tokens_per_s": L / ms * 1e3, "cuda_graph": graph, "rel_err_vs_bf16": err})
+                print(f"prefill {L:>5} | {config:<13} | {ms:9.3f} ms | {L / ms * 1e3:12.0f} tok/s"
+                      + (f" | rel. err. vs bf16 {err:.3f}" if err is not None else ""), flush=True)
+            del ref
+            ref = None
+            if not a.smoke:
+                torch.cuda.empty_cache()
+        for B in a.batch:
+            for config in CONFIGS:
+                step = decode_step(Stack(config, layers, shape, dev, dtype), B, a.decode_context, gen)
+                ms, graph = timed(step, a.smoke)
+                rows.append({"scenario": f"decode batch {B} ctx {a.decode_context}", "config": config, "tokens": B,
+                             "ms": ms, "tokens_per_s": B / ms * 1e3, "cuda_graph": graph})
+                print(f"decode b{B:<3} | {config:<13} | {ms:9.3f} ms | {B / ms * 1e3:12.0f} tok/s", flush=True)
+                del step
+                if not a.smoke:
+                    torch.cuda.empty_cache()
+    base = {r["scenario"]: r["ms"] for r in rows if r["config"] == "bf16"}
+    print(f"\nGPU: {gpu}; a stack of {a.layers} Llama-3-8B-shaped layers (random int4 weights)")
+    print("| scenario | configuration | ms per step | tokens/s | × bf16 | CUDA graph |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        r["speedup_vs_bf16"] = base[r["scenario"]] / r["ms"]
+        print(f"| {r['scenario']} | {r['config']} | {r['ms']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['speedup_vs_bf16']:.2f} | {'yes' if r['cuda_graph'] else 'no'} |")
+    meta = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "machine": platform.node(), "torch": torch.__version__,
+            "layers": a.layers, "shape": shape, "decode_context": a.decode_context, "smoke": a.smoke}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
