@@ -7,9 +7,12 @@ complete (a rename within one filesystem is atomic); on any failure it is remove
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from rotq.quant.errors import RotqError
 
@@ -27,6 +30,14 @@ def check_output_dir(out: Path) -> None:
         raise RotqError(f"cannot write the output into {parent}: permission denied")
 
 
+def _reason(e: Exception) -> str:
+    """The OS's words for a write failure, with what to do about a full disk."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text:
+        return f"{text}: free space on that filesystem or choose another output path"
+    return text
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path):
     """Yield a temporary directory that becomes ``out`` when the block completes."""
@@ -38,7 +49,7 @@ def atomic_directory(out: Path):
     try:
         yield tmp
         os.rename(tmp, out)
-    except OSError as e:
-        raise RotqError(f"writing {out} failed ({e}); nothing was written") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        raise RotqError(f"writing {out} failed ({_reason(e)}); nothing was written") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a leftover after a failure

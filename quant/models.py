@@ -125,6 +125,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
 
     model_dir = resolve_model_dir(spec)
     check_architecture(model_dir)
+    check_shapes(model_dir)
     logger.info("loading %s from %s (%s)", spec, model_dir, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
@@ -136,6 +137,35 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     check_finite(model, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
+
+
+def check_shapes(model_dir: Path) -> None:
+    """Compare every stored tensor's shape with the one config.json implies, from the
+    safetensors headers alone (no weights read), so that a wrong shape is named precisely
+    instead of surfacing as a loader error deep inside transformers."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    wrong = []
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if key in expected and shape != expected[key]:
+                        wrong.append(f"{key} is {list(shape)} in {path.name}, config.json implies {list(expected[key])}")
+        except (SafetensorError, OSError):
+            return  # unreadable header: the loader names the corrupt file
+    if wrong:
+        raise RotqError(f"{str(model_dir)!r} does not match its config.json: {wrong[0]}"
+                        f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}; "
+                        "the weights and config.json come from different models")
 
 
 def check_finite(model: torch.nn.Module, where) -> None:

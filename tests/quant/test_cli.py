@@ -158,3 +158,79 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("rotq: error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_tensor_shape_is_named(tiny_model_dir, text_file, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "shape"
+    shutil.copytree(tiny_model_dir("llama"), bad)
+    state = load_file(bad / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    state[key] = state[key][:, :-8].contiguous()
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    _bad(_quantize_args(bad, tmp_path / "o", text_file), capsys,
+         f"does not match its config.json: {key} is [256, 248] in model.safetensors, config.json implies [256, 256]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_dead_input_channels_calibrate(tiny_model_dir, text_file, tmp_path):
+    """All-zero input channels (here two embedding columns: layer 0's q/k/v and gate/up see
+    them as dead) give zero Hessian rows; every method still writes finite weights, and GPTQ
+    zeroes the dead columns rather than fitting noise to them."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rotq.export.rotq_format import load_rotq
+
+    dead = tmp_path / "dead"
+    shutil.copytree(tiny_model_dir("llama"), dead)
+    state = load_file(dead / "model.safetensors")
+    state["model.embed_tokens.weight"][:, [5, 77]] = 0
+    save_file(state, dead / "model.safetensors", metadata={"format": "pt"})
+    for method in ("gptq", "gptaq", "qep+gptq"):
+        out = tmp_path / f"out-{method}"
+        assert main(_quantize_args(dead, out, text_file, "--rotation", "none", "--method", method)) == 0
+        weights = load_rotq(out)[0].state_dict()
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        q = weights["model.layers.0.self_attn.q_proj.weight"]
+        assert not q[:, [5, 77]].any() and q.abs().sum() > 0
+
+
+def test_full_disk_leaves_nothing(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    """A disk that fills up while the checkpoint is written: one clear line, exit 2, and no
+    half-written output. A real 256 KiB tmpfs where this machine may mount one (root), else the
+    same failure injected where safetensors writes."""
+    import subprocess as sp
+
+    model = tiny_model_dir("llama")  # built before any write can fail
+    mount = tmp_path / "full"
+    mount.mkdir()
+    try:
+        mounted = sp.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                         capture_output=True).returncode == 0
+    except OSError:  # no mount program
+        mounted = False
+    try:
+        out = mount / "out"
+        if mounted:
+            _bad(_quantize_args(model, out, text_file), capsys,
+                 "No space left on device (os error 28): free space on that filesystem")
+        else:
+            import transformers.modeling_utils
+            from safetensors import SafetensorError
+
+            def full(*args, **kwargs):
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+            monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+            _bad(_quantize_args(model, out, text_file), capsys,
+                 "No space left on device (os error 28): free space on that filesystem")
+        assert list(mount.iterdir()) == []
+    finally:
+        if mounted:
+            sp.run(["umount", str(mount)], check=True)
