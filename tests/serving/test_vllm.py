@@ -114,8 +114,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LOAD_PROMPTS = [f"{subject} {verb}" for subject in ("The capital of France", "A rotation of the hidden state",
+                                                     "The quick brown fox", "In 1905, Albert Einstein",
+                                                     "Quantization of a neural network", "The river",
+                                                     "Paris", "The old mill")
+                for verb in ("is", "was", "can be", "has", "means")]  # 40 distinct prompts
+
+
+def _complete(base: str, model: str, prompt: str) -> dict:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=300).read())
+
+
 @pytest.mark.slow
-def test_openai_server_answers_completions(smollm2_w4a16, tmp_path):
+def test_openai_server_under_load(smollm2_w4a16, tmp_path):
+    """The OpenAI server with the rotq plugin, on loopback: one completion, then 200 requests
+    (the 40 prompts five times over) 32 at a time with zero errors, each answer equal to the
+    prompt's answer sent alone (temperature 0)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     port = _free_port()
     exe = shutil.which("rotq") or f"{sys.executable} -m rotq.quant.cli"
     log = open(tmp_path / "server.log", "w")
@@ -123,7 +141,7 @@ def test_openai_server_answers_completions(smollm2_w4a16, tmp_path):
                              str(port), "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20),
                              "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    base = f"http://127.0.0.1:{port}"
+    base, model = f"http://127.0.0.1:{port}", str(smollm2_w4a16)
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -134,13 +152,28 @@ def test_openai_server_answers_completions(smollm2_w4a16, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "server did not come up in 600 s"
                 time.sleep(2)
-        body = json.dumps({"model": str(smollm2_w4a16), "prompt": "The capital of France is",
-                           "max_tokens": 8, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        answer = _complete(base, model, "The capital of France is")
         assert answer["usage"]["completion_tokens"] == 8
         assert answer["choices"][0]["text"].strip()
+
+        alone = {p: _complete(base, model, p)["choices"][0]["text"] for p in LOAD_PROMPTS}
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            futures = [(p, pool.submit(_complete, base, model, p)) for p in LOAD_PROMPTS * 5]
+            errors, differ = [], []
+            for p, f in futures:
+                try:
+                    text = f.result(timeout=600)["choices"][0]["text"]
+                except Exception as e:  # noqa: BLE001 - every failure is counted and shown
+                    errors.append(f"{p!r}: {type(e).__name__}: {e}")
+                    continue
+                if text != alone[p]:
+                    differ.append(f"{p!r}: alone {alone[p]!r}, under load {text!r}")
+        elapsed = time.monotonic() - start
+        assert not errors, f"{len(errors)} of 200 requests failed: {errors[:3]}"
+        assert not differ, f"{len(differ)} of 200 answers differ from the sequential run: {differ[:3]}"
+        assert elapsed < 600
+        assert proc.poll() is None, "the server died under load"
     finally:
         proc.terminate()
         try:
