@@ -126,7 +126,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     if cfg.act_clip_search is not None:
         report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state)
         scheme = result.scheme = with_activation_clip(scheme, report.act_clip_search["clip_ratio"])
-        install_online_ops(model, scheme)
+        install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
         logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
     checkpoint = _Checkpoint(state, result, clock)
     if plan.needs_data:

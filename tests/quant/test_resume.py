@@ -175,9 +175,10 @@ def test_spinquant_rotations_are_not_learned_again(tiny_model_dir, text_file, tm
 def test_sigkill_while_writing_the_state_keeps_the_previous_one(tiny_model_dir, text_file, tmp_path):
     """Killed halfway through writing layer 1's activations (layer 1's own file is complete
     but not yet committed): the resume recomputes layer 1 from layer 0's state. A torn
-    manifest.json.tmp, as a kill during the manifest's write leaves, is ignored as well."""
+    manifest.json.tmp, as a kill during the manifest's write leaves, is ignored as well. The
+    full-precision trajectory lives in a memory-mapped file (--trajectory-dir) here."""
     model = tiny_model_dir("llama")
-    extra = ["--method", "gptaq"]
+    extra = ["--method", "gptaq", "--trajectory-dir", str(tmp_path / "trajectory")]
     reference, out = tmp_path / "reference", tmp_path / "out"
     assert main(_args(model, reference, text_file, *extra)) == 0
     # save_file calls: layer-00000, activations-00000, layer-00001, activations-00001
@@ -236,11 +237,16 @@ def test_resume_refuses_a_different_run(tiny_model_dir, text_file, tmp_path, cap
          "pass --resume")
     assert _files(state) == before  # a refusal leaves the state as it was
 
-    os.utime(model / "config.json", ns=(1, 1))  # the model changed on disk
+    config, st = model / "config.json", (model / "config.json").stat()
+    os.utime(config, ns=(1, 1))  # the model changed on disk
     try:
         _bad(_args(model, out, text_file, "--resume"), capsys, "model file config.json:")
     finally:
-        os.utime(model / "config.json")
+        os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    layer0 = state / "layer-00000.safetensors"  # damaged after it was committed
+    layer0.write_bytes(layer0.read_bytes()[:100])
+    _bad(_args(model, out, text_file, "--resume"), capsys, f"{layer0} cannot be read", f"remove {state}")
 
 
 def test_resume_without_a_state_starts_fresh(tiny_model_dir, text_file, tmp_path, capsys):
