@@ -117,7 +117,11 @@ class CalibrationState:
             state._sweep()
             return state
         shutil.rmtree(directory, ignore_errors=True)  # only our files, or a state with no commit yet
-        directory.mkdir(parents=True)
+        try:
+            directory.mkdir(parents=True)
+        except OSError as e:
+            raise RotqError(f"cannot create the state directory {directory}: {e.strerror}; "
+                            "choose another --state-dir") from None
         state = cls(directory, {"format": FORMAT, "version": VERSION, "fingerprint": fp, "layers_done": 0,
                                 "activations": None, "rotation_info": None, "act_clip_search": None,
                                 "report": {"seconds": 0.0, "linears": []}}, resumed=False)
@@ -218,10 +222,14 @@ class CalibrationState:
         """write(tmp) then fsync and rename: ``name`` is either its old or its new content."""
         path = self.directory / name
         tmp = path.with_name(name + ".tmp")
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(self.directory)
+        try:
+            write(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(self.directory)
+        except (OSError, SafetensorError) as e:
+            raise RotqError(f"cannot save the calibration state to {path} ({e}); free some space or choose "
+                            "another --state-dir, then rerun with --resume") from None
 
     def _sweep(self) -> None:
         """Delete what the manifest does not name: partial .tmp files, an unfinished layer's files."""

@@ -261,3 +261,5 @@ def test_resume_without_a_state_starts_fresh(tiny_model_dir, text_file, tmp_path
     _bad(_args(tiny_model_dir("llama"), tmp_path / "o2", text_file, "--state-dir", str(not_a_state)), capsys,
          "is not a rotq calibration state")
     assert (not_a_state / "notes.txt").read_text() == "keep me"
+    _bad(_args(tiny_model_dir("llama"), tmp_path / "o2", text_file, "--state-dir", str(text_file / "state")),
+         capsys, "cannot create the state directory")
