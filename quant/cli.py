@@ -2,7 +2,9 @@
 
 User mistakes (bad paths, names, text, output directories) print one line and exit with status
 2; nothing is left half-written. Option defaults live in the dataclasses (argparse defaults are
-None); a ``--recipe`` YAML/JSON file sets the same options by their long names.
+None); a ``--recipe`` YAML/JSON file sets the same options by their long names. `rotq quantize`
+saves its progress after each decoder layer, so that an interrupted run continues with
+``--resume`` (resume.py).
 """
 
 from __future__ import annotations
@@ -106,6 +108,15 @@ def _add_quantize(sub) -> None:
                                             "memory-mapped file in this directory instead of RAM")
     p.add_argument("--format", help="rotq (default; the rotq vLLM plugin, every scheme) | compressed-tensors "
                                     "(stock vLLM; symmetric W4A16/W4A4/W8A8 without KV quantization)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its state directory: the completed layers, learned "
+                        "rotations and fitted activation clip are reused, and OUT is bitwise the same as an "
+                        "uninterrupted run's. Refused when the model, the calibration text or an option "
+                        "differs; starts fresh when there is no state. Without --resume an existing state is "
+                        "refused, never overwritten")
+    p.add_argument("--state-dir", type=Path,
+                   help="where progress is saved after each decoder layer (default OUT.partial, next to OUT); "
+                        "removed once OUT is written")
 
 
 def _add_eval(sub) -> None:
@@ -242,7 +253,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from rotq.quant.data import calibration_batches, load_text, tokenize_text
     from rotq.quant.gptq import GPTQOptions
     from rotq.quant.methods import MethodOptions, check_method, needs_data
-    from rotq.quant.models import load_model
+    from rotq.quant.arch import decoder_layers
+    from rotq.quant.models import load_model, resolve_model_dir
+    from rotq.quant.resume import check_state_dir, default_state_dir
     from rotq.export.atomic import check_output_dir
     from rotq.export.compressed_tensors import check_exportable, save_compressed_tensors
     from rotq.export.rotq_format import save_rotq
@@ -258,24 +271,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_exportable(scheme)
     learning = _spinquant_options(o)
     check_output_dir(args.out)
+    state_dir = args.state_dir or default_state_dir(args.out)
+    check_state_dir(state_dir, args.resume)
     torch.manual_seed(o.seed)
     fit_clip = scheme.activations is not None and (o.a_clip or DEFAULT_A_CLIP) == "auto"
     text = load_text(o.calib, "train") if needs_data(method) or learning is not None or fit_clip else None
-    model, tokenizer = load_model(args.model)
+    model_dir = resolve_model_dir(args.model)
+    model, tokenizer = load_model(str(model_dir))
     _check_groups(model, scheme)
     _check_seqlen(model, o.seqlen)
     calib_ids = None
     if text is not None:
         ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
-    rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning)
+    state = _open_state(state_dir, args.resume, o, method, model_dir, calib_ids, len(decoder_layers(model)))
+    rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning, state)
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
         device=o.device, trajectory_dir=o.trajectory_dir,
         act_clip_search=ClipSearchOptions() if fit_clip else None, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
-    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations)
+    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state)
     scheme, report = result.scheme, result.report
     provenance = {"model": args.model, "options": dataclasses.asdict(o) | {
         "method": method, "a_clip": report.act_clip_search["clip_ratio"] if fit_clip else o.a_clip}}
@@ -288,9 +305,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out)
     if args.report is not None:
         args.report.write_text(json.dumps(full_report, indent=2) + "\n")
+    state.remove()
     print(f"wrote {args.out}: {o.scheme} {o.rotation} {method}, {report.seconds:.0f} s, "
           f"peak RSS {report.peak_rss_mb:.0f} MB")
     return 0
+
+
+def _open_state(state_dir: Path, resume: bool, o: QuantizeOptions, method: str, model_dir: Path,
+                calib_ids, num_layers: int):
+    """The run's CalibrationState: resumed (when asked and one exists) or new."""
+    from rotq.quant.resume import CalibrationState, fingerprint
+
+    # Every option that can change OUT; --trajectory-dir only moves a buffer from RAM to disk.
+    options = {f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(o).items() if k != "trajectory_dir"}
+    fp = fingerprint(options | {"--method": method}, model_dir, calib_ids,
+                     {"rotation file": o.rotation_file})
+    state = CalibrationState.open(state_dir, fp, resume)
+    if state.resumed:
+        print(f"rotq: resuming from {state_dir}: {state.layers_done} of {num_layers} layers done",
+              file=sys.stderr)
+    elif resume:
+        print(f"rotq: no calibration state in {state_dir}; starting from the first layer", file=sys.stderr)
+    return state
 
 
 def _spinquant_options(o: QuantizeOptions):
@@ -316,13 +352,16 @@ def _spinquant_options(o: QuantizeOptions):
     return SpinQuantOptions(**{k: v for k, v in learn.items() if v is not None}, device=o.device)
 
 
-def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning):
-    """(R1/R2 to fold, provenance) for --rotation spinquant: learned, or read from --rotation-file."""
+def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning, state):
+    """(R1/R2 to fold, provenance) for --rotation spinquant: learned (or the ones an interrupted
+    run learned, from ``state``), or read from --rotation-file."""
     from rotq.quant.rotation import load_rotations
     from rotq.quant.spinquant import learn_rotations
 
     if o.rotation != "spinquant":
         return None, None
+    if state.rotation_info is not None:
+        return state.load_rotations(model.config), state.rotation_info
     if learning is None:
         rotations = load_rotations(Path(o.rotation_file), model.config)
         return rotations, {"source": "file", "file": o.rotation_file}
@@ -332,6 +371,7 @@ def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning)
             "samples_per_step": learning.samples_per_step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "seconds": round(result.seconds, 1)}
     logger.info("learned R1/R2 in %d steps: loss %s -> %s", learning.steps, info["first_loss"], info["last_loss"])
+    state.save_rotations(result.rotations, info)
     return result.rotations, info
 
 

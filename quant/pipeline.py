@@ -8,7 +8,9 @@ quantized layer's outputs become the next layer's inputs, so H carries all earli
 Methods that fit the full-precision trajectory (GPTAQ, QEP, ResComp) also run a full-precision
 copy of each layer on the full-precision inputs in lockstep, batch by batch, and accumulate
 D from the paired inputs: nothing per linear is cached. Only the current layer (and its copy)
-sits on the compute device.
+sits on the compute device. With a ``CalibrationState`` (resume.py) the fitted activation clip
+and every completed layer, with the trajectories feeding the next one, are saved as they are
+reached, and a resumed run starts from them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +38,9 @@ from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.quantizer import QuantizedWeight
 from rotq.quant.rotation import RotationMatrices, apply_rotations, fuse_norms
 from rotq.quant.scheme import Scheme
+
+if TYPE_CHECKING:
+    from rotq.quant.resume import CalibrationState
 
 logger = logging.getLogger(__name__)
 
@@ -104,36 +110,78 @@ def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices 
 @torch.no_grad()
 def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
               cfg: CalibrationConfig = CalibrationConfig(),
-              rotations: RotationMatrices | None = None) -> QuantizedModel:
+              rotations: RotationMatrices | None = None,
+              state: CalibrationState | None = None) -> QuantizedModel:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
     leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN;
-    ``rotations`` are the learned R1/R2 a "spinquant" scheme folds (spinquant.py)."""
+    ``rotations`` are the learned R1/R2 a "spinquant" scheme folds (spinquant.py); ``state``
+    saves progress after each layer and, when it holds completed layers, skips them."""
     plan = parse_method(check_method(cfg.method))
-    start = time.perf_counter()
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
     result = QuantizedModel(model, scheme, {}, report)
+    # An interrupted run's seconds count too: the clock starts that much earlier.
+    clock = time.perf_counter() - (state.report["seconds"] if state is not None else 0.0)
     prepare_model(model, scheme, rotations)
     if cfg.act_clip_search is not None:
-        fit = search_activation_clip(model, scheme, calib_ids, cfg.act_clip_search)
-        scheme = result.scheme = with_activation_clip(scheme, fit.clip_ratio)
-        report.act_clip_search = fit.to_dict()
-        logger.info("activation clip ratio fitted on calibration data: %s", fit.clip_ratio)
+        report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state)
+        scheme = result.scheme = with_activation_clip(scheme, report.act_clip_search["clip_ratio"])
+        install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
+        logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
+    checkpoint = _Checkpoint(state, result, clock)
     if plan.needs_data:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} needs calibration data")
         if not cfg.act_quant_calibration:
             install_online_ops(model, _without_quantizers(scheme))
-        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory)
+        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory, checkpoint)
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
-        for i, layer in enumerate(tqdm(layers, desc=f"Quantizing ({cfg.method})", unit="layer")):
+        bar = _layer_bar(layers, checkpoint.start, f"Quantizing ({cfg.method})")
+        for i, layer in enumerate(bar, checkpoint.start):
             for name, lin in layer_linears(layer).items():
                 _solve_linear(f"model.layers.{i}.{name}", lin, None, None, cfg, result)
-    report.seconds = time.perf_counter() - start
+            checkpoint.save(i, layer)
+    report.seconds = time.perf_counter() - clock
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def _fit_activation_clip(model, scheme, calib_ids, options, state) -> dict:
+    """ClipSearchResult.to_dict() of the clip search, or of the interrupted run's search."""
+    if state is not None and state.act_clip_search is not None:
+        return state.act_clip_search
+    fit = search_activation_clip(model, scheme, calib_ids, options).to_dict()
+    if state is not None:
+        state.save_act_clip_search(fit)
+    return fit
+
+
+class _Checkpoint:
+    """The pipeline's side of a CalibrationState (or of none): restores the completed layers
+    into ``result`` on creation (``start``: the first layer to calibrate) and saves each new one."""
+
+    def __init__(self, state: CalibrationState | None, result: QuantizedModel, clock: float):
+        self.state, self.result, self.clock, self.start = state, result, clock, 0
+        if state is not None and state.layers_done:
+            result.weights.update(state.restore_layers(decoder_layers(result.model)))
+            result.report.linears = [LinearReport(**r) for r in state.report["linears"]]
+            self.start = state.layers_done
+
+    def save(self, i: int, layer: nn.Module, inps=None, fp_inps=None) -> None:
+        if self.state is None:
+            return
+        prefix = f"model.layers.{i}."
+        weights = {k: w for k, w in self.result.weights.items() if k.startswith(prefix)}
+        report = {"seconds": time.perf_counter() - self.clock,
+                  "linears": [asdict(r) for r in self.result.report.linears]}
+        self.state.save_layer(i, layer, weights, report, inps, fp_inps)
+
+
+def _layer_bar(layers, start: int, desc: str):
+    """tqdm over the layers from ``start`` on, counting the ones a resumed run skips."""
+    return tqdm(layers[start:], desc=desc, unit="layer", initial=start, total=len(layers))
 
 
 def _without_quantizers(scheme: Scheme) -> Scheme:
@@ -141,18 +189,22 @@ def _without_quantizers(scheme: Scheme) -> Scheme:
     return scheme.replace(activations=None, kv_cache=None)
 
 
-def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory: bool) -> None:
+def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory: bool,
+                          checkpoint: _Checkpoint) -> None:
     model, scheme, report = result.model, result.scheme, result.report
     device = torch.device(cfg.device)
-    inps = _embed(model, calib_ids, cfg.batch_size, device)
-    fp_inps = _trajectory_buffer(inps, cfg.trajectory_dir) if fp_trajectory else None
+    if checkpoint.start:
+        inps, fp_inps = checkpoint.state.load_activations(device)
+    else:
+        inps = fp_inps = _embed(model, calib_ids, cfg.batch_size, device)
+    fp_inps = _trajectory_buffer(fp_inps, cfg.trajectory_dir) if fp_trajectory else None
     position_ids = torch.arange(calib_ids.shape[1], device=device).unsqueeze(0)
     rotary = model.model.rotary_emb.to(device)
     position_embeddings = rotary(inps[:1], position_ids)
     forward = dict(position_ids=position_ids, position_embeddings=position_embeddings,
                    attention_mask=None, use_cache=False)
-    bar = tqdm(decoder_layers(model), desc=f"Calibrating ({cfg.method})", unit="layer")
-    for i, layer in enumerate(bar):
+    bar = _layer_bar(decoder_layers(model), checkpoint.start, f"Calibrating ({cfg.method})")
+    for i, layer in enumerate(bar, checkpoint.start):
         layer.to(device)
         fp_layer = None
         if fp_trajectory:
@@ -167,6 +219,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory:
         if fp_layer is not None:
             _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
         layer.to("cpu")
+        checkpoint.save(i, layer, inps, fp_inps)
         bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
 
 
