@@ -228,6 +228,7 @@ class CalibrationState:
             os.replace(tmp, path)
             _fsync(self.directory)
         except (OSError, SafetensorError) as e:
+            tmp.unlink(missing_ok=True)  # leave only complete files behind
             raise RotqError(f"cannot save the calibration state to {path} ({e}); free some space or choose "
                             "another --state-dir, then rerun with --resume") from None
 
