@@ -5,6 +5,7 @@ test and the wikisum test split), so its wall time and peak RSS are those of a u
 Calibration text is wikisum train only. Prints a Markdown table and writes JSON.
 
     python benchmarks/accuracy.py --rows foundation --json benchmarks/results/foundation.json
+    python benchmarks/accuracy.py --plot benchmarks/results/accuracy.png --plot-only
 """
 
 from __future__ import annotations
@@ -70,11 +71,66 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
                   "peak_rss_mb": rep["peak_rss_mb"]}
         if rep.get("act_clip_search"):
             result["act_clip_search"] = rep["act_clip_search"]
+        result["layer_output_rel_err"] = layer_errors(rep["linears"])
     result["wikitext2"] = _ppl(model, str(a.wikitext2), a.windows, 2048, tmp)
     result["wikisum"] = _ppl(model, "wikisum", a.wikisum_windows, 2048, tmp)
     if row is not None:
         subprocess.run(["rm", "-rf", model], check=True)
     return result
+
+
+def layer_errors(linears: list[dict]) -> list[float]:
+    """Mean relative output error tr(dW H dWᵀ) / tr(W H Wᵀ) of each decoder layer's linears."""
+    per_layer: dict[int, list[float]] = {}
+    for lin in linears:
+        if lin.get("output_rel_err") is not None:
+            per_layer.setdefault(int(lin["name"].split(".")[2]), []).append(lin["output_rel_err"])
+    return [sum(v) / len(v) for _, v in sorted(per_layer.items())]
+
+
+def plot(json_files: list[Path], png: Path) -> None:
+    """Perplexity of every row in ``json_files`` (one bar pair per row, grouped by scheme) and
+    the per-layer output error of the rows that recorded it, as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, seen = [], set()
+    for f in json_files:
+        for r in json.loads(Path(f).read_text()).get("rows", []):
+            key = (r.get("scheme"), r.get("rotation"), r.get("method"))
+            if "wikitext2" in r and key not in seen:
+                seen.add(key)
+                rows.append(r)
+    if not rows:
+        raise SystemExit(f"no accuracy rows in {', '.join(map(str, json_files))}")
+    rows.sort(key=lambda r: (r["scheme"], r["rotation"], r["wikitext2"]))
+    curves = [r for r in rows if r.get("layer_output_rel_err")]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(16 if curves else 11, 6), squeeze=False)
+    ax = axes[0, 0]
+    labels = [f"{r['scheme']} {r['rotation']} {r['method']}" for r in rows]
+    y = range(len(rows))
+    ax.barh([i - 0.2 for i in y], [r["wikitext2"] for r in rows], height=0.4, label="WikiText-2 (40 × 2048)")
+    ax.barh([i + 0.2 for i in y], [r["wikisum"] for r in rows], height=0.4, label="wikisum test (16 × 2048)")
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity (log scale)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    ax.set_title("smollm2-135m: perplexity per scheme, rotation and method")
+    if curves:
+        ax = axes[0, 1]
+        for r in curves:
+            ax.plot(r["layer_output_rel_err"], marker=".", label=f"{r['scheme']} {r['rotation']} {r['method']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("mean tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of its linears")
+        ax.set_title("per-layer reconstruction error during calibration")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _label(method: str, extra: tuple[str, ...]) -> str:
@@ -109,9 +165,20 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 2048")
     p.add_argument("--wikisum-windows", type=int, default=16, help="wikisum test windows of 2048")
     p.add_argument("--wikitext2", type=Path, default=WIKITEXT2)
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--json", type=Path, help="where the rows go (required unless --plot-only)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="draw perplexity and per-layer error from every JSON in benchmarks/results")
+    p.add_argument("--plot-only", action="store_true", help="only redraw --plot from the JSON files")
     a = p.parse_args()
+    results = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+    if a.plot_only:
+        if a.plot is None:
+            sys.exit("--plot-only needs --plot PNG")
+        plot(results, a.plot)
+        return
+    if a.json is None:
+        sys.exit("--json is required (or --plot PNG --plot-only)")
     if not a.wikitext2.is_file():
         sys.exit(f"WikiText-2 test file not found at {a.wikitext2}; pass --wikitext2 PATH")
     rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
@@ -127,6 +194,8 @@ def main() -> None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(markdown(rows))
+    if a.plot is not None:
+        plot(sorted(set(results) | {a.json}), a.plot)
 
 
 if __name__ == "__main__":

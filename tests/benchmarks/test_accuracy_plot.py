@@ -1,0 +1,40 @@
+"""benchmarks/accuracy.py's summary helpers: per-layer errors from a calibration report, and the
+PNG drawn from result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+accuracy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(accuracy)
+
+
+def test_layer_errors_average_each_layers_linears():
+    linears = [{"name": "model.layers.0.self_attn.q_proj", "output_rel_err": 0.1},
+               {"name": "model.layers.0.mlp.down_proj", "output_rel_err": 0.3},
+               {"name": "model.layers.1.self_attn.o_proj", "output_rel_err": None},
+               {"name": "model.layers.1.mlp.up_proj", "output_rel_err": 0.5},
+               {"name": "model.layers.10.mlp.up_proj", "output_rel_err": 0.7}]
+    assert accuracy.layer_errors(linears) == pytest.approx([0.2, 0.5, 0.7])
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"scheme": "fp32", "rotation": "-", "method": "-", "wikitext2": 20.6, "wikisum": 13.4},
+            {"scheme": "w4a4kv4", "rotation": "hadamard", "method": "gptq", "wikitext2": 45.6, "wikisum": 30.0,
+             "layer_output_rel_err": [0.01, 0.02, 0.015]}]
+    f = tmp_path / "rows.json"
+    f.write_text(json.dumps({"rows": rows}))
+    png = tmp_path / "plot.png"
+    accuracy.plot([f], png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    with pytest.raises(SystemExit, match="no accuracy rows"):
+        accuracy.plot([empty], png)
