@@ -32,6 +32,20 @@ FORMATS = ("rotq", "compressed-tensors")
 DEFAULT_METHOD = {"quantized activations": "qep+gptq", "16-bit activations": "gptq"}
 
 
+# Rotation: learned (SpinQuant, 20 Cayley SGD steps) where activations are quantized. Ablation in
+# benchmarks/RESULTS.md: qep+gptq with the fitted clip 37.88 -> 36.71 on WikiText-2 (wikisum
+# 23.17 -> 23.13). Weight-only schemes keep the Hadamard rotation (not measured with SpinQuant).
+DEFAULT_ROTATION = {"quantized activations": "spinquant", "16-bit activations": "hadamard"}
+
+
+def default_rotation(scheme_name: str) -> str:
+    from rotq.quant.scheme import PRESETS
+
+    known = PRESETS.get(scheme_name)  # an unknown name is refused later, with the list of schemes
+    return DEFAULT_ROTATION["quantized activations" if known is None or known.activations is not None
+                            else "16-bit activations"]
+
+
 # The activation clip ratio of schemes that quantize activations: fitted on the calibration
 # data (act_clip.py). Ablation in benchmarks/RESULTS.md: qep+gptq 42.10 -> 37.88 on WikiText-2.
 DEFAULT_A_CLIP = "auto"
@@ -44,7 +58,7 @@ def default_method(scheme) -> str:
 @dataclass(frozen=True)
 class QuantizeOptions:
     scheme: str = "w4a4kv4"
-    rotation: str = "hadamard"
+    rotation: str | None = None  # None: DEFAULT_ROTATION by whether the scheme quantizes activations
     rotation_steps: int | None = None  # spinquant: Cayley SGD steps (default: SpinQuantOptions)
     rotation_lr: float | None = None  # spinquant: initial learning rate (cosine schedule)
     rotation_file: str | None = None  # spinquant: reuse these R1/R2 instead of learning
@@ -75,9 +89,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("-o", "--out", required=True, type=Path, help="output directory (must not exist)")
     p.add_argument("--recipe", type=Path, help="YAML/JSON file with any of the options below")
     p.add_argument("--scheme", help="w4a4kv4 | w4a4 | w4a16kv4 | w4a16 | w3a16 | w8a8 (default w4a4kv4)")
-    p.add_argument("--rotation", help="none | hadamard | spinquant (default hadamard)")
+    p.add_argument("--rotation", help="none | hadamard | spinquant (default: spinquant where activations are "
+                                      "quantized, else hadamard)")
     p.add_argument("--rotation-steps", type=int,
-                   help="spinquant: Cayley SGD steps on the calibration data (default 100)")
+                   help="spinquant: Cayley SGD steps on the calibration data (default 20)")
     p.add_argument("--rotation-lr", type=float,
                    help="spinquant: initial learning rate, cosine decay (default 1.5)")
     p.add_argument("--rotation-file", help="spinquant: reuse the R1/R2 of an earlier output's "
@@ -183,6 +198,8 @@ def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
             raise RotqError(f"recipe {args.recipe} has unknown key(s) {unknown}; allowed: {sorted(names)}")
         values.update(recipe)
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    if values.get("rotation") is None:
+        values["rotation"] = default_rotation(values.get("scheme", QuantizeOptions.scheme))
     try:
         return QuantizeOptions(**values)
     except TypeError as e:

@@ -57,7 +57,7 @@ _ROTATED_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.
 class SpinQuantOptions:
     """How to learn R1/R2 (method options, recorded as provenance only)."""
 
-    steps: int = 100
+    steps: int = 20  # the measured default (benchmarks/RESULTS.md, levers-w4a4kv4)
     lr: float = 1.5  # initial learning rate of the cosine schedule (SpinQuant's)
     momentum: float = 0.0  # on the skew direction A; 0 is plain Cayley SGD
     samples_per_step: int = 1  # calibration sequences per step (gradient accumulation)

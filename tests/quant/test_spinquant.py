@@ -224,7 +224,7 @@ def test_cli_learns_saves_and_reuses_the_rotation(tiny_model_dir, tmp_path, caps
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert torch.equal(load_file(out / ROTATIONS_FILE)["R1"], load_file(reuse / ROTATIONS_FILE)["R1"])
     capsys.readouterr()
-    assert main(["quantize", model, "-o", str(tmp_path / "x"), "--rotation-steps", "2"]) == 2
+    assert main(["quantize", model, "-o", str(tmp_path / "x"), "--rotation", "hadamard", "--rotation-steps", "2"]) == 2
     assert "--rotation-steps: for --rotation spinquant only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -237,7 +237,8 @@ def test_recipe_keys_and_zero_steps_through_the_cli(tiny_model_dir, tmp_path):
     model = str(tiny_model_dir("llama"))
     common = ["--calib", str(text), "--nsamples", "2", "--seqlen", "32"]
     assert main(["quantize", model, "-o", str(tmp_path / "spin"), *common, "--recipe", str(recipe)]) == 0
-    assert main(["quantize", model, "-o", str(tmp_path / "had"), *common, "--method", "rtn"]) == 0
+    assert main(["quantize", model, "-o", str(tmp_path / "had"), *common, "--rotation", "hadamard",
+                 "--method", "rtn"]) == 0
     spin, had = (load_file(tmp_path / d / "model.safetensors") for d in ("spin", "had"))
     assert all(torch.equal(spin[k], had[k]) for k in had)
 
