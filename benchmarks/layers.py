@@ -122,13 +122,26 @@ def _rope_tables(positions, D, device):
     return ang.cos(), ang.sin()
 
 
+def kv4_attend(caches, tables, seq, pos, slots, cos, sin):
+    """Layer i's attention through the int4 cache: RoPE, R3 on Q and K, store the new K/V at
+    ``slots``, attend over pages ``tables`` (what the vLLM backend runs)."""
+    from rotq.kernels.hadamard import hadamard
+    from rotq.kernels.kv4 import kv4_attention, kv_quant_store
+
+    def attend(i, q, k, v):
+        D = q.shape[-1]
+        q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
+        kv_quant_store(k, v.contiguous(), caches[i], slots, KV_CLIP)
+        return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5).reshape(q.shape[0], -1)
+    return attend
+
+
 def prefill_step(stack: Stack, L: int):
     """A closure running one L-token prompt through the stack (K/V written to the cache)."""
     import torch
     import torch.nn.functional as F
 
-    from rotq.kernels.hadamard import hadamard
-    from rotq.kernels.kv4 import kv4_attention, kv_quant_store, new_cache
+    from rotq.kernels.kv4 import new_cache
     sh, dev = stack.shape, stack.device
     H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
     pos = torch.arange(L, device=dev)
@@ -140,10 +153,7 @@ def prefill_step(stack: Stack, L: int):
         tables = torch.arange(L // PAGE + 1, device=dev, dtype=torch.int32)[None]
         seq = torch.zeros(L, dtype=torch.int32, device=dev)
 
-        def attend(i, q, k, v):
-            q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
-            kv_quant_store(k, v.contiguous(), caches[i], pos, KV_CLIP)
-            return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5).reshape(L, H * D)
+        attend = kv4_attend(caches, tables, seq, pos, pos, cos, sin)
     else:
         caches = [torch.empty(2, Hkv, L, D, device=dev, dtype=stack.dtype) for _ in range(n)]
 
@@ -162,8 +172,7 @@ def decode_step(stack: Stack, B: int, ctx: int, gen):
     import torch
     import torch.nn.functional as F
 
-    from rotq.kernels.hadamard import hadamard
-    from rotq.kernels.kv4 import kv4_attention, kv_quant_store, new_cache
+    from rotq.kernels.kv4 import kv_quant_store, new_cache
     sh, dev, dt = stack.shape, stack.device, stack.dtype
     H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
     pos = torch.full((B,), ctx - 1, device=dev)
@@ -182,10 +191,7 @@ def decode_step(stack: Stack, B: int, ctx: int, gen):
         slots = torch.arange(B, device=dev) * per_seq * PAGE + ctx - 1
         seq = torch.arange(B, dtype=torch.int32, device=dev)
 
-        def attend(i, q, k, v):
-            q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
-            kv_quant_store(k, v.contiguous(), caches[i], slots, KV_CLIP)
-            return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5).reshape(B, H * D)
+        attend = kv4_attend(caches, tables, seq, pos, slots, cos, sin)
     else:
         caches = [torch.randn(2, B, Hkv, ctx, D, device=dev, dtype=dt, generator=gen) for _ in range(n)]
 
