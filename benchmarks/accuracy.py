@@ -95,17 +95,18 @@ def plot(json_files: list[Path], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, seen = [], set()
+    rows, seen, curves = [], set(), []
     for f in json_files:
         for r in json.loads(Path(f).read_text()).get("rows", []):
             key = (r.get("scheme"), r.get("rotation"), r.get("method"))
-            if "wikitext2" in r and key not in seen:
+            if r.get("layer_output_rel_err"):
+                curves.append(r)
+            if {"rotation", "wikitext2", "wikisum"} <= r.keys() and key not in seen:
                 seen.add(key)
                 rows.append(r)
     if not rows:
         raise SystemExit(f"no accuracy rows in {', '.join(map(str, json_files))}")
     rows.sort(key=lambda r: (r["scheme"], r["rotation"], r["wikitext2"]))
-    curves = [r for r in rows if r.get("layer_output_rel_err")]
     fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(16 if curves else 11, 6), squeeze=False)
     ax = axes[0, 0]
     labels = [f"{r['scheme']} {r['rotation']} {r['method']}" for r in rows]
@@ -121,7 +122,8 @@ def plot(json_files: list[Path], png: Path) -> None:
     if curves:
         ax = axes[0, 1]
         for r in curves:
-            ax.plot(r["layer_output_rel_err"], marker=".", label=f"{r['scheme']} {r['rotation']} {r['method']}")
+            ax.plot(r["layer_output_rel_err"], marker=".",
+                    label=f"{r['scheme']} {r.get('rotation', '')} {r['method']}")
         ax.set_yscale("log")
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("mean tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of its linears")

@@ -75,7 +75,10 @@ def quantize(model: str, out: Path, scheme: str, method: str, a, extra=()) -> di
                            "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--report", str(report),
                            *extra], log=out.parent / f"{out.name}.log")
     rep = json.loads(report.read_text())
-    return {"wall_s": wall, "calib_s": rep["seconds"], "peak_rss_mb": rss}
+    from accuracy import layer_errors  # benchmarks/accuracy.py, beside this file
+
+    return {"wall_s": wall, "calib_s": rep["seconds"], "peak_rss_mb": rss,
+            "layer_output_rel_err": layer_errors(rep["linears"])}
 
 
 def wikitext2(model: str, a) -> float:
