@@ -48,8 +48,10 @@ data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.one
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 t0 = time.perf_counter()
-oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
-        max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
+per_channel = {"targets": ["Linear"],  # the preset "W4A16" is group 128: per channel, as rotq's w4a16
+               "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}}
+recipe = GPTQModifier(config_groups={"group_0": per_channel}, ignore=["lm_head"])
+oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
 print("LLMC_SECONDS", time.perf_counter() - t0, flush=True)
 model.save_pretrained(out, save_compressed=False)
 tokenizer.save_pretrained(out)
@@ -163,8 +165,14 @@ def llmcompressor_part(a, tmp: Path) -> list[dict]:
     script, out = tmp / "llmc_gptq.py", tmp / "llmc-out"
     script.write_text(LLMC_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    wall, rss, stdout = _child([str(py), str(script), str(model_dir), str(windows), str(out),
-                                str(torch.get_num_threads())], env=env, log=tmp / "llmc.log")
+    log = tmp / "llmc.log"
+    try:
+        wall, rss, stdout = _child([str(py), str(script), str(model_dir), str(windows), str(out),
+                                    str(torch.get_num_threads())], env=env, log=log)
+    except RuntimeError:
+        last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["no output"]
+        print(f"  llm-compressor failed: {last[0]}", flush=True)
+        return [{"part": "llm-compressor", "skipped": f"failed: {last[0][:300]}"}]
     seconds = float(next(line.split()[1] for line in stdout.splitlines() if line.startswith("LLMC_SECONDS")))
     row = {"part": "llm-compressor", "method": "llm-compressor 0.14 GPTQModifier W4A16", "wall_s": wall,
            "calib_s": seconds, "peak_rss_mb": rss}
