@@ -200,6 +200,8 @@ def plot(rows: list[dict], png: Path) -> None:
         twin = ax.twinx()
         twin.plot(x, [p[2] for p in pts], "s--", color="tab:red", label="peak RSS MB")
         twin.set_ylabel("peak RSS MB", color="tab:red")
+        ax.set_ylim(bottom=0)
+        twin.set_ylim(bottom=0)
         ax.set_title(f"GPTQ W4A16 vs model {axis}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
