@@ -43,7 +43,7 @@ CONFIGS = {  # name: (scheme, export format) made with RTN when not given
 
 def make_checkpoint(fp: str, scheme: str, fmt: str, out: Path) -> None:
     subprocess.run([sys.executable, "-m", "rotq.quant.cli", "quantize", fp, "-o", str(out), "--scheme", scheme,
-                    "--method", "rtn", "--format", fmt, "--nsamples", "4", "--seqlen", "256"],
+                    "--rotation", "hadamard", "--method", "rtn", "--format", fmt, "--nsamples", "4", "--seqlen", "256"],
                    check=True, stdout=subprocess.DEVNULL)
 
 

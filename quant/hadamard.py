@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["is_hadamard_size", "hadamard_matrix", "random_hadamard_matrix", "apply_hadamard"]
+__all__ = ["is_hadamard_size", "hadamard_matrix", "random_hadamard_matrix", "apply_hadamard", "prepare_hadamard"]
 
 # Largest Paley factor K. A bigger K would make the "fast" transform a dense K x K matmul
 # (e.g. 11008 = 5504 * 2 with Paley I, q = 5503) and its construction check O(K^3).
@@ -103,10 +103,17 @@ def _sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@functools.lru_cache(maxsize=None)
+_FACTORS: dict[int, torch.Tensor] = {}
+
+
 def _base(k: int) -> torch.Tensor:
-    """The K x K factor (float64, cached); kept small so the fast path can reuse it."""
-    return torch.ones(1, 1, dtype=torch.float64) if k == 1 else _paley(k)
+    """The K x K factor (float64, cached); kept small so the fast path can reuse it. A plain
+    dict rather than lru_cache: torch.compile inlines lru_cache'd functions (rebuilding the
+    factor inside the trace) but reads a dict entry as a constant."""
+    factor = _FACTORS.get(k)
+    if factor is None:
+        factor = _FACTORS[k] = torch.ones(1, 1, dtype=torch.float64) if k == 1 else _paley(k)
+    return factor
 
 
 @functools.lru_cache(maxsize=16)
@@ -116,6 +123,16 @@ def _build(n: int) -> torch.Tensor:
         raise _unsupported(n)
     k, p = split
     return torch.kron(_base(k), _sylvester(p))
+
+
+def prepare_hadamard(n: int) -> None:
+    """Build and cache the factors of size n now. Under torch.compile (vLLM compiles the model)
+    the first call would run the construction on fake tensors, whose exactness check is
+    data-dependent and cannot be traced; serving calls this while loading weights."""
+    split = _split(n)
+    if split is None:
+        raise _unsupported(n)
+    _base(split[0])
 
 
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:

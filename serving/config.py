@@ -38,6 +38,7 @@ from vllm.model_executor.layers.attention import Attention
 
 from rotq.kernels.linear import dequantize_packed, quantized_linear, quantized_linear_triton, triton_supported
 from rotq.kernels.packing import pack_factor
+from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme
 from rotq.serving.engine import KV4_DTYPE
 
@@ -138,6 +139,8 @@ class RotqLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer) -> None:
+        if self.online_hadamard:
+            prepare_hadamard(layer.input_size)  # before torch.compile traces apply()
         w = self.scheme.weights
         layer.rotq_triton = layer.weight_packed.is_cuda and triton_supported(w.bits, w.symmetric,
                                                                              self.scheme.activations)

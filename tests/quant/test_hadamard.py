@@ -96,3 +96,20 @@ def test_is_hadamard_size_supported(n):
 @pytest.mark.parametrize("n", [0, -4, 6, 10, 18])
 def test_is_hadamard_size_rejects(n):
     assert not is_hadamard_size(n)
+
+
+def test_apply_hadamard_traces_under_torch_compile_once_prepared():
+    """vLLM compiles the model: the Paley factor must be built before tracing, whose fake
+    tensors cannot run the construction's exactness check (this failed `rotq serve` for W4A4)."""
+    from rotq.quant import hadamard as hm
+
+    hm._FACTORS.clear()
+    x = torch.randn(3, 1536)
+    traced = torch.compile(lambda t: hm.apply_hadamard(t, 1536), backend="eager", fullgraph=True)
+    with pytest.raises(Exception):
+        traced(x)  # the factor of 12 built inside the trace
+    torch._dynamo.reset()
+    hm._FACTORS.clear()
+    hm.prepare_hadamard(1536)
+    traced = torch.compile(lambda t: hm.apply_hadamard(t, 1536), backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(x), hm.apply_hadamard(x, 1536), rtol=0, atol=0)
