@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.online import install_online_ops
 from rotq.quant.perplexity import perplexity
@@ -48,10 +49,12 @@ class ClipSearchResult:
 
 @torch.no_grad()
 def search_activation_clip(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor,
-                           options: ClipSearchOptions = ClipSearchOptions()) -> ClipSearchResult:
+                           options: ClipSearchOptions = ClipSearchOptions(),
+                           ranks: Ranks = SINGLE) -> ClipSearchResult:
     """Pick the activation clip ratio of ``scheme`` from ``options.grid`` by the loss of
     ``model`` (rotations already folded, weights not yet quantized) on ``calib_ids``. Leaves the
-    online ops of the chosen ratio installed; the weights are not touched."""
+    online ops of the chosen ratio installed; the weights are not touched. Under torchrun each
+    rank scores its share of the sequences and the losses are summed."""
     if scheme.activations is None:
         raise RotqError("--a-clip auto fits the activation clip ratio, but this scheme keeps 16-bit "
                         "activations; drop --a-clip")
@@ -62,16 +65,29 @@ def search_activation_clip(model: nn.Module, scheme: Scheme, calib_ids: torch.Te
         raise RotqError(f"activation clip ratios must lie in (0, 1], got {list(options.grid)}")
     start = time.perf_counter()
     windows = calib_ids[: options.sequences]
+    mine = windows[ranks.shard(windows.shape[0], options.batch_size)]
     nll = {}
-    for clip in tqdm(options.grid, desc="Fitting activation clip", unit="ratio"):
+    for clip in tqdm(options.grid, desc="Fitting activation clip", unit="ratio", disable=not ranks.is_main):
         install_online_ops(model, with_activation_clip(scheme, clip))
-        nll[clip] = perplexity(model, windows, options.batch_size, progress=False).nll
+        nll[clip] = _mean_nll(model, mine, options.batch_size, ranks)
         if not math.isfinite(nll[clip]):
             raise RotqError(f"the calibration loss at activation clip {clip} is {nll[clip]}; "
                             "the model or the calibration text is broken")
     best = min(nll, key=nll.__getitem__)
     install_online_ops(model, with_activation_clip(scheme, best))
     return ClipSearchResult(best, nll, windows.shape[0], time.perf_counter() - start)
+
+
+def _mean_nll(model, windows, batch_size, ranks: Ranks) -> float:
+    """The mean next-token loss over every rank's ``windows``."""
+    if not ranks.distributed:
+        return perplexity(model, windows, batch_size, progress=False).nll
+    total, count = 0.0, 0
+    if windows.shape[0]:
+        local = perplexity(model, windows, batch_size, progress=False)
+        total, count = local.nll * local.tokens, local.tokens
+    total, count = ranks.sum(total, count)
+    return total / count
 
 
 def with_activation_clip(scheme: Scheme, clip: float) -> Scheme:

@@ -4,7 +4,8 @@ User mistakes (bad paths, names, text, output directories) print one line and ex
 2; nothing is left half-written. Option defaults live in the dataclasses (argparse defaults are
 None); a ``--recipe`` YAML/JSON file sets the same options by their long names. `rotq quantize`
 saves its progress after each decoder layer, so that an interrupted run continues with
-``--resume`` (resume.py).
+``--resume`` (resume.py). Under torchrun, `rotq quantize` calibrates across the processes
+(distributed.py) and rank 0 writes OUT.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class QuantizeOptions:
     rotation_steps: int | None = None  # spinquant: Cayley SGD steps (default: SpinQuantOptions)
     rotation_lr: float | None = None  # spinquant: initial learning rate (cosine schedule)
     rotation_file: str | None = None  # spinquant: reuse these R1/R2 instead of learning
+    rotation_samples: int | None = None  # spinquant: calibration sequences per step
     method: str | None = None  # None: DEFAULT_METHOD by whether the scheme quantizes activations
     calib: str = "wikisum"
     nsamples: int = 64
@@ -95,6 +97,9 @@ def _add_quantize(sub) -> None:
                    help="spinquant: Cayley SGD steps on the calibration data (default 20)")
     p.add_argument("--rotation-lr", type=float,
                    help="spinquant: initial learning rate, cosine decay (default 1.5)")
+    p.add_argument("--rotation-samples", type=int,
+                   help="spinquant: calibration sequences per step, split across the processes under "
+                        "torchrun (default 1)")
     p.add_argument("--rotation-file", help="spinquant: reuse the R1/R2 of an earlier output's "
                    "spinquant/rotations.safetensors instead of learning")
     p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
@@ -267,17 +272,11 @@ def _check_seqlen_config(config, seqlen: int) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from rotq.quant.data import calibration_batches, load_text, tokenize_text
-    from rotq.quant.gptq import GPTQOptions
-    from rotq.quant.methods import MethodOptions, check_method, needs_data
-    from rotq.quant.arch import decoder_layers
-    from rotq.quant.models import load_model, resolve_model_dir
+    from rotq.quant.methods import check_method
     from rotq.quant.resume import check_state_dir, default_state_dir
     from rotq.export.atomic import check_output_dir
-    from rotq.export.compressed_tensors import check_exportable, save_compressed_tensors
-    from rotq.export.rotq_format import save_rotq
-    from rotq.quant.act_clip import ClipSearchOptions
-    from rotq.quant.pipeline import CalibrationConfig, calibrate
+    from rotq.export.compressed_tensors import check_exportable
+    from rotq.quant.distributed import init_from_env, shutdown
 
     o = quantize_options(args)
     scheme = build_scheme(o)
@@ -286,10 +285,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise RotqError(f"unknown format {o.format!r}; choose one of {', '.join(FORMATS)}")
     if o.format == "compressed-tensors":
         check_exportable(scheme)
-    learning = _spinquant_options(o)
     check_output_dir(args.out)
     state_dir = args.state_dir or default_state_dir(args.out)
     check_state_dir(state_dir, args.resume)
+    ranks, device = init_from_env(o.device)
+    try:
+        return _quantize(args, o, scheme, method, state_dir, ranks, device)
+    finally:
+        shutdown(ranks)
+
+
+def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ranks, device: str) -> int:
+    """cmd_quantize once the options are checked: load, rotate, calibrate, write (rank 0)."""
+    from rotq.quant.data import calibration_batches, load_text, tokenize_text
+    from rotq.quant.gptq import GPTQOptions
+    from rotq.quant.methods import MethodOptions, needs_data
+    from rotq.quant.arch import decoder_layers
+    from rotq.quant.models import load_model, resolve_model_dir
+    from rotq.export.compressed_tensors import save_compressed_tensors
+    from rotq.export.rotq_format import save_rotq
+    from rotq.quant.act_clip import ClipSearchOptions
+    from rotq.quant.pipeline import CalibrationConfig, calibrate
+
+    if ranks.distributed and args.resume:
+        raise RotqError("--resume works in one process only: calibration state is not saved under torchrun; "
+                        "drop --resume or run without torchrun")
+    learning = _spinquant_options(o, device)
     torch.manual_seed(o.seed)
     fit_clip = scheme.activations is not None and (o.a_clip or DEFAULT_A_CLIP) == "auto"
     text = load_text(o.calib, "train") if needs_data(method) or learning is not None or fit_clip else None
@@ -301,28 +322,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if text is not None:
         ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
-    state = _open_state(state_dir, args.resume, o, method, model_dir, calib_ids, len(decoder_layers(model)))
-    rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning, state)
+    state = None if ranks.distributed else _open_state(state_dir, args.resume, o, method, model_dir, calib_ids,
+                                                       len(decoder_layers(model)))
+    rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning, state, ranks)
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
-        device=o.device, trajectory_dir=o.trajectory_dir,
+        device=device, trajectory_dir=o.trajectory_dir,
         act_clip_search=ClipSearchOptions() if fit_clip else None, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
-    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state)
+    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks)
     scheme, report = result.scheme, result.report
     provenance = {"model": args.model, "options": dataclasses.asdict(o) | {
         "method": method, "a_clip": report.act_clip_search["clip_ratio"] if fit_clip else o.a_clip}}
     if rotation_info is not None:
         provenance["rotations"] = rotation_info
+    if ranks.distributed:
+        provenance["processes"] = ranks.world
     full_report = {"provenance": provenance, **report.to_dict()}
+    if not ranks.is_main:
+        ranks.barrier()  # rank 0 writes OUT
+        return 0
     if o.format == "rotq":
         save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report, rotations=rotations)
     else:
         save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out)
     if args.report is not None:
         args.report.write_text(json.dumps(full_report, indent=2) + "\n")
-    state.remove()
+    if state is not None:
+        state.remove()
+    ranks.barrier()
     print(f"wrote {args.out}: {o.scheme} {o.rotation} {method}, {report.seconds:.0f} s, "
           f"peak RSS {report.peak_rss_mb:.0f} MB")
     return 0
@@ -346,12 +375,13 @@ def _open_state(state_dir: Path, resume: bool, o: QuantizeOptions, method: str, 
     return state
 
 
-def _spinquant_options(o: QuantizeOptions):
+def _spinquant_options(o: QuantizeOptions, device: str):
     """SpinQuantOptions when R1/R2 are to be learned, None otherwise; checks the rotation flags."""
     from rotq.quant.rotation import ROTATIONS_FILE
     from rotq.quant.spinquant import SpinQuantOptions
 
-    given = [f"--{k.replace('_', '-')}" for k in ("rotation_steps", "rotation_lr", "rotation_file")
+    given = [f"--{k.replace('_', '-')}" for k in ("rotation_steps", "rotation_lr", "rotation_samples",
+                                                   "rotation_file")
              if getattr(o, k) is not None]
     if o.rotation != "spinquant":
         if given:
@@ -359,17 +389,17 @@ def _spinquant_options(o: QuantizeOptions):
         return None
     if o.rotation_file is not None:
         if len(given) > 1:
-            raise RotqError("--rotation-file reuses learned rotations, so --rotation-steps/--rotation-lr "
+            raise RotqError("--rotation-file reuses learned rotations, so --rotation-steps/-lr/-samples "
                             "do not apply; give one or the other")
         if not Path(o.rotation_file).is_file():
             raise RotqError(f"rotation file {o.rotation_file} does not exist; pass OUT/{ROTATIONS_FILE} "
                             f"of an earlier `rotq quantize --rotation spinquant` output")
         return None
-    learn = {"steps": o.rotation_steps, "lr": o.rotation_lr}
-    return SpinQuantOptions(**{k: v for k, v in learn.items() if v is not None}, device=o.device)
+    learn = {"steps": o.rotation_steps, "lr": o.rotation_lr, "samples_per_step": o.rotation_samples}
+    return SpinQuantOptions(**{k: v for k, v in learn.items() if v is not None}, device=device)
 
 
-def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning, state):
+def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning, state, ranks):
     """(R1/R2 to fold, provenance) for --rotation spinquant: learned (or the ones an interrupted
     run learned, from ``state``), or read from --rotation-file."""
     from rotq.quant.rotation import load_rotations
@@ -377,18 +407,19 @@ def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning,
 
     if o.rotation != "spinquant":
         return None, None
-    if state.rotation_info is not None:
+    if state is not None and state.rotation_info is not None:
         return state.load_rotations(model.config), state.rotation_info
     if learning is None:
         rotations = load_rotations(Path(o.rotation_file), model.config)
         return rotations, {"source": "file", "file": o.rotation_file}
-    result = learn_rotations(model, scheme, calib_ids, learning)
+    result = learn_rotations(model, scheme, calib_ids, learning, ranks)
     losses = result.losses
     info = {"source": "learned", "steps": learning.steps, "lr": learning.lr,
             "samples_per_step": learning.samples_per_step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "seconds": round(result.seconds, 1)}
     logger.info("learned R1/R2 in %d steps: loss %s -> %s", learning.steps, info["first_loss"], info["last_loss"])
-    state.save_rotations(result.rotations, info)
+    if state is not None:
+        state.save_rotations(result.rotations, info)
     return result.rotations, info
 
 

@@ -4,12 +4,15 @@ H = 2/N_seq Σ x̃ x̃ᵀ from the inputs x̃ of the partially quantized model a
 fit the full-precision trajectory (GPTAQ, QEP, ResComp), D = 2/N_seq Σ (x − x̃) x̃ᵀ with x the
 same linear's input in the full-precision model, token for token. Sums run over all tokens,
 the normalisation over sequences (as every GPTQ-family reference does); accumulated in float64.
+Under torchrun each rank sums its own samples and the sums are all-reduced (distributed.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from rotq.quant.distributed import SINGLE, Ranks
 
 
 class StopForward(Exception):
@@ -44,9 +47,11 @@ def _input_of(layer: nn.Module, linear: str, batch: torch.Tensor, forward: dict)
 @torch.no_grad()
 def group_statistics(layer: nn.Module, linear: str, inps: torch.Tensor, forward: dict,
                      batch_size: int, fp_layer: nn.Module | None = None,
-                     fp_inps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     fp_inps: torch.Tensor | None = None,
+                     ranks: Ranks = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """H (and D when ``fp_layer`` is given) of the input of ``linear`` in ``layer`` over the
-    calibration inputs ``inps`` [N, L, d] (and their full-precision twins ``fp_inps``)."""
+    calibration inputs ``inps`` [N, L, d] (and their full-precision twins ``fp_inps``): this
+    rank's shard of them, summed over ``ranks``."""
     K = layer.get_submodule(linear).in_features
     H = torch.zeros(K, K, dtype=torch.float64)
     D = None if fp_layer is None else torch.zeros(K, K, dtype=torch.float64)
@@ -56,5 +61,8 @@ def group_statistics(layer: nn.Module, linear: str, inps: torch.Tensor, forward:
         if D is not None:
             x = _input_of(fp_layer, linear, fp_inps[start:start + batch_size], forward)
             D += ((x - xq).T @ xq).to("cpu", torch.float64)
-    scale = 2.0 / inps.shape[0]
+    ranks.sum_(H)
+    if D is not None:
+        ranks.sum_(D)
+    scale = 2.0 / ranks.sum(inps.shape[0])[0]
     return H * scale, None if D is None else D * scale

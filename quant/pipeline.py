@@ -10,7 +10,9 @@ copy of each layer on the full-precision inputs in lockstep, batch by batch, and
 D from the paired inputs: nothing per linear is cached. Only the current layer (and its copy)
 sits on the compute device. With a ``CalibrationState`` (resume.py) the fitted activation clip
 and every completed layer, with the trajectories feeding the next one, are saved as they are
-reached, and a resumed run starts from them.
+reached, and a resumed run starts from them. Under torchrun (distributed.py) each rank
+calibrates on its shard of the samples, the statistics are summed over the ranks and each
+linear is solved by one rank and broadcast.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from rotq.quant.act_clip import ClipSearchOptions, search_activation_clip, with_activation_clip
 from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
+from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
@@ -111,12 +114,15 @@ def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices 
 def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
               cfg: CalibrationConfig = CalibrationConfig(),
               rotations: RotationMatrices | None = None,
-              state: CalibrationState | None = None) -> QuantizedModel:
+              state: CalibrationState | None = None, ranks: Ranks = SINGLE) -> QuantizedModel:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
     leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN;
     ``rotations`` are the learned R1/R2 a "spinquant" scheme folds (spinquant.py); ``state``
-    saves progress after each layer and, when it holds completed layers, skips them."""
+    saves progress after each layer and, when it holds completed layers, skips them; ``ranks``:
+    this process's place among torchrun's (every rank passes the same ``calib_ids``)."""
     plan = parse_method(check_method(cfg.method))
+    if ranks.distributed and state is not None:
+        raise RotqError("saving calibration state (--resume) works in one process only; run without torchrun")
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
     result = QuantizedModel(model, scheme, {}, report)
@@ -124,7 +130,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     clock = time.perf_counter() - (state.report["seconds"] if state is not None else 0.0)
     prepare_model(model, scheme, rotations)
     if cfg.act_clip_search is not None:
-        report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state)
+        report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state, ranks)
         scheme = result.scheme = with_activation_clip(scheme, report.act_clip_search["clip_ratio"])
         install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
         logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
@@ -134,25 +140,25 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
             raise ValueError(f"method {cfg.method!r} needs calibration data")
         if not cfg.act_quant_calibration:
             install_online_ops(model, _without_quantizers(scheme))
-        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory, checkpoint)
+        ranks.check_shardable(n, cfg.batch_size, "calibration sequences")
+        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory, checkpoint, ranks)
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
-        bar = _layer_bar(layers, checkpoint.start, f"Quantizing ({cfg.method})")
+        bar = _layer_bar(layers, checkpoint.start, f"Quantizing ({cfg.method})", ranks)
         for i, layer in enumerate(bar, checkpoint.start):
-            for name, lin in layer_linears(layer).items():
-                _solve_linear(f"model.layers.{i}.{name}", lin, None, None, cfg, result)
+            _solve_group(i, list(layer_linears(layer)), layer, None, None, cfg, result, ranks)
             checkpoint.save(i, layer)
     report.seconds = time.perf_counter() - clock
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
-def _fit_activation_clip(model, scheme, calib_ids, options, state) -> dict:
+def _fit_activation_clip(model, scheme, calib_ids, options, state, ranks) -> dict:
     """ClipSearchResult.to_dict() of the clip search, or of the interrupted run's search."""
     if state is not None and state.act_clip_search is not None:
         return state.act_clip_search
-    fit = search_activation_clip(model, scheme, calib_ids, options).to_dict()
+    fit = search_activation_clip(model, scheme, calib_ids, options, ranks).to_dict()
     if state is not None:
         state.save_act_clip_search(fit)
     return fit
@@ -179,9 +185,9 @@ class _Checkpoint:
         self.state.save_layer(i, layer, weights, report, inps, fp_inps)
 
 
-def _layer_bar(layers, start: int, desc: str):
-    """tqdm over the layers from ``start`` on, counting the ones a resumed run skips."""
-    return tqdm(layers[start:], desc=desc, unit="layer", initial=start, total=len(layers))
+def _layer_bar(layers, start: int, desc: str, ranks: Ranks):
+    """tqdm over the layers from ``start`` on, counting the ones a resumed run skips (rank 0's only)."""
+    return tqdm(layers[start:], desc=desc, unit="layer", initial=start, total=len(layers), disable=not ranks.is_main)
 
 
 def _without_quantizers(scheme: Scheme) -> Scheme:
@@ -190,31 +196,30 @@ def _without_quantizers(scheme: Scheme) -> Scheme:
 
 
 def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory: bool,
-                          checkpoint: _Checkpoint) -> None:
+                          checkpoint: _Checkpoint, ranks: Ranks) -> None:
     model, scheme, report = result.model, result.scheme, result.report
     device = torch.device(cfg.device)
     if checkpoint.start:
         inps, fp_inps = checkpoint.state.load_activations(device)
     else:
-        inps = fp_inps = _embed(model, calib_ids, cfg.batch_size, device)
+        shard = calib_ids[ranks.shard(calib_ids.shape[0], cfg.batch_size)]
+        inps = fp_inps = _embed(model, shard, cfg.batch_size, device)
     fp_inps = _trajectory_buffer(fp_inps, cfg.trajectory_dir) if fp_trajectory else None
     position_ids = torch.arange(calib_ids.shape[1], device=device).unsqueeze(0)
     rotary = model.model.rotary_emb.to(device)
     position_embeddings = rotary(inps[:1], position_ids)
     forward = dict(position_ids=position_ids, position_embeddings=position_embeddings,
                    attention_mask=None, use_cache=False)
-    bar = _layer_bar(decoder_layers(model), checkpoint.start, f"Calibrating ({cfg.method})")
+    bar = _layer_bar(decoder_layers(model), checkpoint.start, f"Calibrating ({cfg.method})", ranks)
     for i, layer in enumerate(bar, checkpoint.start):
         layer.to(device)
         fp_layer = None
         if fp_trajectory:
             fp_layer = copy.deepcopy(layer)
             install_layer_ops(fp_layer, _without_quantizers(scheme))
-        linears = layer_linears(layer)
         for group in LINEAR_GROUPS:
-            H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size, fp_layer, fp_inps)
-            for name in group:
-                _solve_linear(f"model.layers.{i}.{name}", linears[name], H, D, cfg, result)
+            H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size, fp_layer, fp_inps, ranks)
+            _solve_group(i, group, layer, H, D, cfg, result, ranks)
         _propagate(layer, inps, forward, cfg.batch_size)
         if fp_layer is not None:
             _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
@@ -257,12 +262,36 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _solve_linear(name, lin: nn.Linear, H, D, cfg, qmodel: QuantizedModel) -> None:
+def _solve_group(i: int, group, layer: nn.Module, H, D, cfg, qmodel: QuantizedModel, ranks: Ranks) -> None:
+    """Solve the linears ``group`` of layer i (which share H and D) and write their quantized
+    weights: each rank solves its round-robin share first, then every result is broadcast."""
+    linears = layer_linears(layer)
+    first = len(qmodel.report.linears)  # the same on every rank: spreads the solves evenly
+    mine = {name: _solve_linear(f"model.layers.{i}.{name}", linears[name], H, D, cfg, qmodel.scheme)
+            for j, name in enumerate(group) if ranks.owner(first + j) == ranks.rank}
+    for j, name in enumerate(group):
+        solved = ranks.broadcast(mine.get(name), ranks.owner(first + j))
+        lin = linears[name]
+        lin.weight.data = solved.Q.to(lin.weight.device, lin.weight.dtype)
+        qmodel.weights[solved.report.name] = solved.weight
+        qmodel.report.linears.append(solved.report)
+
+
+@dataclass
+class _Solved:
+    """One linear's solution, on the CPU (it may travel to other ranks)."""
+
+    Q: torch.Tensor  # the dequantized quantized weight
+    weight: QuantizedWeight
+    report: LinearReport
+
+
+def _solve_linear(name, lin: nn.Linear, H, D, cfg, scheme: Scheme) -> _Solved:
     t0 = time.perf_counter()
     W = lin.weight.data.float()
     to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
-    result = solve(cfg.method, W, to_w(H), qmodel.scheme.weights, cfg.options, D=to_w(D), name=name)
-    qmodel.weights[name] = QuantizedWeight(*(None if t is None else t.cpu() for t in (
+    result = solve(cfg.method, W, to_w(H), scheme.weights, cfg.options, D=to_w(D), name=name)
+    weight = QuantizedWeight(*(None if t is None else t.cpu() for t in (
         result.quantized.codes, result.quantized.scale, result.quantized.zero_point)),
         result.quantized.group_size)
     dW = (W - result.Q).double()
@@ -271,9 +300,8 @@ def _solve_linear(name, lin: nn.Linear, H, D, cfg, qmodel: QuantizedModel) -> No
     if H is not None:
         Hd = H.to(dW.device, torch.float64)
         out_err = float((dW @ Hd * dW).sum() / (W.double() @ Hd * W.double()).sum().clamp_min(1e-30))
-    lin.weight.data = result.Q.to(lin.weight.dtype)
     seconds = time.perf_counter() - t0
     loss = None if result.loss != result.loss else result.loss  # NaN -> None (RTN)
-    qmodel.report.linears.append(LinearReport(name, seconds, w_err, out_err, loss))
     logger.info("%s: weight err %.3g, output err %s, %.2fs", name, w_err,
                 "n/a" if out_err is None else f"{out_err:.3g}", seconds)
+    return _Solved(result.Q.to("cpu", lin.weight.dtype), weight, LinearReport(name, seconds, w_err, out_err, loss))

@@ -24,7 +24,9 @@ are built once per step and back-propagated to R1/R2 once. Each decoder layer is
 (recomputed during the backward pass), so one sequence keeps only the layer inputs, one layer's
 activations and its logits alive. SmolLM2-135M, one 2048-token sequence per step, one CPU
 thread: about 45-65 s per step and 3.6 GB peak RSS; glibc's malloc may keep freed activations
-and show twice that (7.6 GB) unless MALLOC_MMAP_THRESHOLD_=131072 is set.
+and show twice that (7.6 GB) unless MALLOC_MMAP_THRESHOLD_=131072 is set. Under torchrun a
+step's sequences are split across the ranks and the loss and gradients summed (distributed.py),
+so every rank takes the same step.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from rotq.quant.arch import attention_shape, decoder_layers
+from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
 from rotq.quant.online import install_online_ops, remove_online_ops
@@ -110,7 +113,7 @@ def orthogonalize(R: torch.Tensor) -> torch.Tensor:
 
 
 def learn_rotations(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor,
-                    options: SpinQuantOptions = SpinQuantOptions()) -> SpinQuantResult:
+                    options: SpinQuantOptions = SpinQuantOptions(), ranks: Ranks = SINGLE) -> SpinQuantResult:
     """Learn R1/R2 for ``scheme`` (rotation kind "spinquant") on ``calib_ids`` [N, L].
 
     Leaves ``model`` norm-fused (as :func:`~rotq.quant.pipeline.prepare_model` would), with its
@@ -135,10 +138,11 @@ def learn_rotations(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor,
     with _learning_mode(model, scheme, device):
         base = _base_weights(model, rot.r4)
         A = [None] * (1 + len(R2))
-        bar = tqdm(range(options.steps), desc="Learning rotations (SpinQuant)", unit="step")
+        bar = tqdm(range(options.steps), desc="Learning rotations (SpinQuant)", unit="step",
+                   disable=not ranks.is_main)
         for t in bar:
             ids = _step_batch(calib_ids, t, options.samples_per_step).to(device)
-            loss, grads = _loss_and_grads(model, base, R1, R2, ids, options.checkpoint_layers)
+            loss, grads = _loss_and_grads(model, base, R1, R2, ids, options.checkpoint_layers, ranks)
             lr = options.lr * 0.5 * (1 + math.cos(math.pi * t / options.steps))
             Rs = [R1, *R2]
             for j, (R, G) in enumerate(zip(Rs, grads)):
@@ -229,24 +233,36 @@ def _rotated_weights(model, base, R1f: torch.Tensor, R2f: list[torch.Tensor]) ->
     return out
 
 
-def _loss_and_grads(model, base, R1, R2, ids, use_checkpoint: bool):
-    """Mean next-token loss over the sequences ``ids`` [n, L] and its gradients for R1, R2..."""
-    device = ids.device
-    Rs = [R.detach().requires_grad_() for R in [R1, *R2]]
-    with torch.enable_grad():
-        R1f = Rs[0].to(device, torch.float32)
-        weights = _rotated_weights(model, base, R1f, [R.to(device, torch.float32) for R in Rs[1:]])
-        outs = [R1f] + [t for w in weights for t in w.values()]
-        leaves = [t.detach().requires_grad_() for t in outs]
-        it = iter(leaves[1:])
-        leaf_weights = [{k: next(it) for k in w} for w in weights]
-        total = 0.0
-        for seq in ids.split(1):
-            loss = _sequence_loss(model, leaves[0], leaf_weights, seq, use_checkpoint) / ids.shape[0]
-            loss.backward()
-            total += float(loss.detach())
-        grads = torch.autograd.grad(outs, Rs, [leaf.grad for leaf in leaves])
-    return total, [G.detach().to("cpu", torch.float64) for G in grads]
+def _loss_and_grads(model, base, R1, R2, ids, use_checkpoint: bool, ranks: Ranks = SINGLE):
+    """Mean next-token loss over the sequences ``ids`` [n, L] and its gradients for R1, R2...
+    Each sequence's share is computed on its own (under torchrun by rank ``s % world``, then
+    broadcast) and the shares are summed in sequence order in float64, so every process count
+    takes bit for bit the same step."""
+    n = ids.shape[0]
+    mine = [s for s in range(n) if ranks.owner(s) == ranks.rank]
+    shares = {}
+    if mine:
+        Rs = [R.detach().requires_grad_() for R in [R1, *R2]]
+        with torch.enable_grad():
+            R1f = Rs[0].to(ids.device, torch.float32)
+            weights = _rotated_weights(model, base, R1f, [R.to(ids.device, torch.float32) for R in Rs[1:]])
+            outs = [R1f] + [t for w in weights for t in w.values()]
+            leaves = [t.detach().requires_grad_() for t in outs]
+            it = iter(leaves[1:])
+            leaf_weights = [{k: next(it) for k in w} for w in weights]
+            for s in mine:
+                loss = _sequence_loss(model, leaves[0], leaf_weights, ids[s:s + 1], use_checkpoint) / n
+                loss.backward()
+                grads = torch.autograd.grad(outs, Rs, [leaf.grad for leaf in leaves], retain_graph=s != mine[-1])
+                shares[s] = float(loss.detach()), [G.detach().to("cpu", torch.float64) for G in grads]
+                for leaf in leaves:
+                    leaf.grad = None
+    total, grads = 0.0, None
+    for s in range(n):
+        loss, share = ranks.broadcast(shares.get(s), ranks.owner(s))
+        total += loss
+        grads = share if grads is None else [G + g for G, g in zip(grads, share)]
+    return total, grads
 
 
 def _sequence_loss(model, R1f, weights, ids, use_checkpoint: bool) -> torch.Tensor:
