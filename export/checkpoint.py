@@ -4,9 +4,12 @@ integer codes and scales: the part the rotq and compressed-tensors formats share
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from rotq.export.atomic import atomic_directory
 from rotq.kernels.packing import pack_factor, pack_int32
@@ -38,33 +41,94 @@ def linear_tensors(prefix: str, qw: QuantizedWeight, bits: int, symmetric: bool)
     return out
 
 
-def packed_state(model, weights: dict[str, QuantizedWeight], scheme: Scheme, extra=None) -> dict:
-    """The model's state dict with every quantized linear's weight replaced by its packed
-    tensors (plus ``extra(name, qw)``'s tensors per linear), on CPU, tied lm_head dropped."""
-    state = dict(model.state_dict())
+def packed_tensors(model, weights: Mapping[str, QuantizedWeight], scheme: Scheme,
+                   extra=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors with every quantized linear's weight replaced by its packed tensors
+    (plus ``extra(name, qw)``'s tensors per linear), on CPU, tied lm_head dropped: first the
+    unquantized ones, then the linears layer by layer, each packed only when reached (so a
+    model whose weights live on disk, offload.py, is written one layer at a time)."""
     names = quantized_linear_names(model)
     missing = [n for n in names if n not in weights]
     if missing:
         raise RotqError(f"no quantized weights for {missing[0]} (and {len(missing) - 1} more)")
+    quantized = {f"{name}.weight" for name in names}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for key, value in model.state_dict().items():
+        if key not in quantized and not (tied and key == "lm_head.weight"):
+            yield key, value.detach().cpu().contiguous()
     for name in names:
-        del state[f"{name}.weight"]
-        state.update(linear_tensors(name, weights[name], scheme.weights.bits, scheme.weights.symmetric))
+        qw = weights[name]
+        tensors = linear_tensors(name, qw, scheme.weights.bits, scheme.weights.symmetric)
         if extra is not None:
-            state.update(extra(name, weights[name]))
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            tensors.update(extra(name, qw))
+        yield from tensors.items()
+
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def shard_bytes(size: str) -> int:
+    """'5GB', '200KB', '1GiB' -> bytes (Hugging Face's spelling of shard sizes)."""
+    text = size.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].strip().isdigit():
+            return int(text[: -len(unit)]) * _UNITS[unit]
+    raise ValueError(f"shard size {size!r}: write a number and KB, MB, GB, KiB, MiB or GiB")
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, limit: int) -> None:
+    """Write ``tensors`` as safetensors shards of at most ``limit`` bytes (a larger tensor gets
+    its own), holding one shard in memory: model.safetensors, or model-0000i-of-0000n.safetensors
+    and model.safetensors.index.json."""
+    parts, current, size, seen = [], {}, 0, set()
+
+    def flush():
+        if current:
+            path = directory / f"part-{len(parts)}.safetensors"
+            save_file(current, path, metadata={"format": "pt"})
+            parts.append((path, list(current)))
+            current.clear()
+            seen.clear()
+
+    total = 0
+    for name, t in tensors:
+        if t.data_ptr() in seen and t.numel():  # safetensors refuses tensors that share memory
+            t = t.clone()
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            flush()
+            size = 0
+        current[name], size, total = t, size + nbytes, total + nbytes
+        seen.add(t.data_ptr())
+    flush()
+    if len(parts) == 1:
+        parts[0][0].rename(directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(parts, 1):
+        final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        path.rename(directory / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 @contextlib.contextmanager
-def write_checkpoint(model, state: dict, tokenizer, quant_config: dict, out: Path, max_shard_size: str):
+def write_checkpoint(model, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, quant_config: dict,
+                     out: Path, max_shard_size: str):
     """Atomically write config (with ``quant_config``), sharded safetensors and tokenizer into
     ``out``; yields the temporary directory for further files."""
+    limit = shard_bytes(max_shard_size)
     with atomic_directory(out) as tmp:
-        model.config.quantization_config = quant_config
+        _write_shards(tensors, tmp, limit)
+        config = model.config
+        config.architectures = [type(model).__name__]
+        config.quantization_config = quant_config
         try:
-            model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+            config.save_pretrained(tmp)
         finally:
-            del model.config.quantization_config
+            del config.quantization_config
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         yield tmp

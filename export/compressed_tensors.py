@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from rotq.export.checkpoint import packed_state, write_checkpoint
+from rotq.export.checkpoint import packed_tensors, write_checkpoint
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
 from rotq.quant.quantizer import QuantizedWeight
@@ -79,6 +79,6 @@ def save_compressed_tensors(model, weights: dict[str, QuantizedWeight], tokenize
             out[f"{name}.{R4_SCHEME}_input.weight"] = r4.clone()  # vLLM divides by sqrt(n) at load
         return out
 
-    state = packed_state(model, weights, scheme, extra)
+    state = packed_tensors(model, weights, scheme, extra)
     with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size):
         pass

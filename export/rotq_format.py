@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rotq.export.checkpoint import packed_state, quantized_linear_names, write_checkpoint
+from rotq.export.checkpoint import packed_tensors, quantized_linear_names, write_checkpoint
 from rotq.kernels.linear import dequantize_packed
 from rotq.kernels.packing import pack_factor
 from rotq.quant.errors import RotqError
@@ -74,7 +74,7 @@ def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Sch
               report: dict | None = None, max_shard_size: str = "5GB",
               rotations: RotationMatrices | None = None) -> None:
     """Write the rotq checkpoint of a calibrated model atomically (see the module docstring)."""
-    state = packed_state(model, weights, scheme)
+    state = packed_tensors(model, weights, scheme)
     with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size) as tmp:
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")

@@ -11,11 +11,14 @@ saves its progress after each decoder layer, so that an interrupted run continue
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +86,7 @@ class QuantizeOptions:
     device: str = "cpu"
     format: str = "rotq"
     trajectory_dir: str | None = None
+    offload: str | None = None  # stream the decoder layers from disk; quantized weights kept here
 
 
 def _add_quantize(sub) -> None:
@@ -124,6 +128,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 8)")
     p.add_argument("--device", help="compute device for the current layer (default cpu)")
     p.add_argument("--report", type=Path, help="also write the calibration report JSON here")
+    p.add_argument("--offload", metavar="DIR",
+                   help="memory flat in depth: read each decoder layer from the checkpoint when it is "
+                        "calibrated and keep the quantized layers in a scratch folder under DIR until OUT is "
+                        "written (needs a fixed --a-clip and, for spinquant, --rotation-file; no --resume)")
     p.add_argument("--trajectory-dir", help="keep the full-precision trajectory (gptaq, qep, rescomp) in a "
                                             "memory-mapped file in this directory instead of RAM")
     p.add_argument("--format", help="rotq (default; the rotq vLLM plugin, every scheme) | compressed-tensors "
@@ -297,15 +305,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ranks, device: str) -> int:
     """cmd_quantize once the options are checked: load, rotate, calibrate, write (rank 0)."""
-    from rotq.quant.data import calibration_batches, load_text, tokenize_text
-    from rotq.quant.gptq import GPTQOptions
-    from rotq.quant.methods import MethodOptions, needs_data
-    from rotq.quant.arch import decoder_layers
-    from rotq.quant.models import load_model, resolve_model_dir
-    from rotq.export.compressed_tensors import save_compressed_tensors
-    from rotq.export.rotq_format import save_rotq
-    from rotq.quant.act_clip import ClipSearchOptions
-    from rotq.quant.pipeline import CalibrationConfig, calibrate
+    from rotq.quant.data import load_text
+    from rotq.quant.methods import needs_data
+    from rotq.quant.models import resolve_model_dir
 
     if ranks.distributed and args.resume:
         raise RotqError("--resume works in one process only: calibration state is not saved under torchrun; "
@@ -313,16 +315,72 @@ def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ra
     learning = _spinquant_options(o, device)
     torch.manual_seed(o.seed)
     fit_clip = scheme.activations is not None and (o.a_clip or DEFAULT_A_CLIP) == "auto"
+    if o.offload is not None:
+        _check_offload(o, args.resume, learning, fit_clip)
     text = load_text(o.calib, "train") if needs_data(method) or learning is not None or fit_clip else None
     model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_model(str(model_dir))
+    with _offload_scratch(o.offload, ranks) as scratch:
+        return _calibrate_and_write(args, o, scheme, method, state_dir, ranks, device, learning, fit_clip,
+                                    text, model_dir, scratch)
+
+
+def _check_offload(o: QuantizeOptions, resume: bool, learning, fit_clip: bool) -> None:
+    """--offload streams the layers: refuse what needs the whole model in memory."""
+    if resume:
+        raise RotqError("--offload cannot be combined with --resume (no calibration state is saved while "
+                        "layers stream from disk); drop one of them")
+    if learning is not None:
+        raise RotqError("--offload cannot learn SpinQuant rotations (every step runs the whole model): learn "
+                        "them without --offload and pass --rotation-file, or use --rotation hadamard")
+    if fit_clip:
+        raise RotqError("--offload cannot fit --a-clip auto (it runs the whole model once per ratio): give "
+                        "a ratio, e.g. --a-clip 0.9")
+
+
+@contextlib.contextmanager
+def _offload_scratch(directory: str | None, ranks):
+    """A fresh folder under --offload DIR for this run's (this rank's) quantized layers,
+    removed when the run ends, whether it succeeds or not."""
+    if directory is None:
+        yield None
+        return
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=directory, prefix=f"rotq-offload-rank{ranks.rank}-"))
+    except OSError as e:
+        raise RotqError(f"cannot use --offload {directory}: {e.strerror}") from None
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ranks, device: str,
+                         learning, fit_clip: bool, text, model_dir: Path, scratch: Path | None) -> int:
+    from rotq.quant.data import calibration_batches, tokenize_text
+    from rotq.quant.gptq import GPTQOptions
+    from rotq.quant.methods import MethodOptions
+    from rotq.quant.arch import decoder_layers
+    from rotq.quant.models import load_model
+    from rotq.quant.offload import Offload, OffloadedWeights, load_model_offloaded
+    from rotq.export.compressed_tensors import save_compressed_tensors
+    from rotq.export.rotq_format import save_rotq
+    from rotq.quant.act_clip import ClipSearchOptions
+    from rotq.quant.pipeline import CalibrationConfig, calibrate
+
+    offload = None
+    if scratch is None:
+        model, tokenizer = load_model(str(model_dir))
+    else:
+        model, tokenizer, source = load_model_offloaded(model_dir)
+        offload = Offload(source, OffloadedWeights(scratch))
     _check_groups(model, scheme)
     _check_seqlen(model, o.seqlen)
     calib_ids = None
     if text is not None:
         ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
-    state = None if ranks.distributed else _open_state(state_dir, args.resume, o, method, model_dir, calib_ids,
+    state = None if ranks.distributed or offload is not None else _open_state(state_dir, args.resume, o, method, model_dir, calib_ids,
                                                        len(decoder_layers(model)))
     rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning, state, ranks)
     cfg = CalibrationConfig(
@@ -331,7 +389,8 @@ def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ra
         act_clip_search=ClipSearchOptions() if fit_clip else None, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
-    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks)
+    result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,
+                       offload=offload)
     scheme, report = result.scheme, result.report
     provenance = {"model": args.model, "options": dataclasses.asdict(o) | {
         "method": method, "a_clip": report.act_clip_search["clip_ratio"] if fit_clip else o.a_clip}}
@@ -343,10 +402,12 @@ def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ra
     if not ranks.is_main:
         ranks.barrier()  # rank 0 writes OUT
         return 0
+    shard = "5GB" if offload is None else "1GB"  # a shard is assembled in memory before it is written
     if o.format == "rotq":
-        save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report, rotations=rotations)
+        save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report, rotations=rotations,
+                  max_shard_size=shard)
     else:
-        save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out)
+        save_compressed_tensors(model, result.weights, tokenizer, scheme, args.out, max_shard_size=shard)
     if args.report is not None:
         args.report.write_text(json.dumps(full_report, indent=2) + "\n")
     if state is not None:

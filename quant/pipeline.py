@@ -12,7 +12,9 @@ sits on the compute device. With a ``CalibrationState`` (resume.py) the fitted a
 and every completed layer, with the trajectories feeding the next one, are saved as they are
 reached, and a resumed run starts from them. Under torchrun (distributed.py) each rank
 calibrates on its shard of the samples, the statistics are summed over the ranks and each
-linear is solved by one rank and broadcast.
+linear is solved by one rank and broadcast. With an ``Offload`` (offload.py) the decoder
+layers' linears are read from disk when their layer is reached and their quantized weights
+written back to disk after it, so memory stays flat in depth.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.quantizer import QuantizedWeight
-from rotq.quant.rotation import RotationMatrices, apply_rotations, fuse_norms
+from rotq.quant.rotation import (RotationMatrices, apply_rotations, fuse_layer_norms, fuse_norms, rotate_layer,
+                                 rotation_matrices)
 from rotq.quant.scheme import Scheme
 
 if TYPE_CHECKING:
+    from rotq.quant.offload import Offload
     from rotq.quant.resume import CalibrationState
 
 logger = logging.getLogger(__name__)
@@ -101,34 +105,68 @@ class QuantizedModel:
     report: CalibrationReport
 
 
-def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices | None = None) -> None:
+def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices | None = None,
+                  layers: bool = True) -> None:
     """Fold norms and offline rotations (when the scheme rotates; ``rotations``: the learned
-    R1/R2 of kind "spinquant") and install the online ops."""
+    R1/R2 of kind "spinquant") and install the online ops; ``layers=False`` leaves the decoder
+    layers' weights to :class:`_LayerStream` (they are still on disk)."""
     if scheme.rotation.kind != "none":
-        fuse_norms(model)
-        apply_rotations(model, scheme.rotation, rotations)
+        fuse_norms(model, layers)
+        apply_rotations(model, scheme.rotation, rotations, layers)
     install_online_ops(model, scheme)
+
+
+class _LayerStream:
+    """Entering and leaving a decoder layer: nothing for a model in memory; with an Offload,
+    read the layer's linears from disk and fold norms and rotations into them on entry, and on
+    leaving write its quantized weights to disk and free the linears."""
+
+    def __init__(self, model: nn.Module, scheme: Scheme, rotations, offload: Offload | None):
+        self.config, self.rotation, self.offload = model.config, scheme.rotation, offload
+        self.matrices = None
+        if offload is not None and scheme.rotation.kind != "none":
+            self.matrices = rotation_matrices(model.config, scheme.rotation, rotations)
+
+    def enter(self, i: int, layer: nn.Module) -> None:
+        if self.offload is None:
+            return
+        self.offload.source.load(i, layer)
+        if self.rotation.kind != "none":
+            fuse_layer_norms(layer)
+            rotate_layer(layer, i, self.config, self.rotation, self.matrices)
+
+    def leave(self, i: int, layer: nn.Module) -> None:
+        if self.offload is None:
+            return
+        self.offload.source.release(layer)
+        self.offload.weights.spill(f"layer-{i:05d}")
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
               cfg: CalibrationConfig = CalibrationConfig(),
               rotations: RotationMatrices | None = None,
-              state: CalibrationState | None = None, ranks: Ranks = SINGLE) -> QuantizedModel:
+              state: CalibrationState | None = None, ranks: Ranks = SINGLE,
+              offload: Offload | None = None) -> QuantizedModel:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
     leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN;
     ``rotations`` are the learned R1/R2 a "spinquant" scheme folds (spinquant.py); ``state``
     saves progress after each layer and, when it holds completed layers, skips them; ``ranks``:
-    this process's place among torchrun's (every rank passes the same ``calib_ids``)."""
+    this process's place among torchrun's (every rank passes the same ``calib_ids``); ``offload``:
+    the decoder layers' linears are on disk (offload.py) and the quantized weights go there."""
     plan = parse_method(check_method(cfg.method))
     if ranks.distributed and state is not None:
         raise RotqError("saving calibration state (--resume) works in one process only; run without torchrun")
+    if offload is not None and (state is not None or cfg.act_clip_search is not None):
+        raise RotqError("--offload streams the layers from disk, so it cannot save calibration state "
+                        "(--resume) or fit the activation clip on the whole model (give --a-clip RATIO)")
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
-    result = QuantizedModel(model, scheme, {}, report)
+    result = QuantizedModel(model, scheme, {} if offload is None else offload.weights, report)
     # An interrupted run's seconds count too: the clock starts that much earlier.
     clock = time.perf_counter() - (state.report["seconds"] if state is not None else 0.0)
-    prepare_model(model, scheme, rotations)
+    prepare_model(model, scheme, rotations, layers=offload is None)
+    stream = _LayerStream(model, scheme, rotations, offload)
     if cfg.act_clip_search is not None:
         report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state, ranks)
         scheme = result.scheme = with_activation_clip(scheme, report.act_clip_search["clip_ratio"])
@@ -141,14 +179,16 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
         if not cfg.act_quant_calibration:
             install_online_ops(model, _without_quantizers(scheme))
         ranks.check_shardable(n, cfg.batch_size, "calibration sequences")
-        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory, checkpoint, ranks)
+        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory, checkpoint, ranks, stream)
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
         bar = _layer_bar(layers, checkpoint.start, f"Quantizing ({cfg.method})", ranks)
         for i, layer in enumerate(bar, checkpoint.start):
+            stream.enter(i, layer)
             _solve_group(i, list(layer_linears(layer)), layer, None, None, cfg, result, ranks)
             checkpoint.save(i, layer)
+            stream.leave(i, layer)
     report.seconds = time.perf_counter() - clock
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -196,7 +236,7 @@ def _without_quantizers(scheme: Scheme) -> Scheme:
 
 
 def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory: bool,
-                          checkpoint: _Checkpoint, ranks: Ranks) -> None:
+                          checkpoint: _Checkpoint, ranks: Ranks, stream: _LayerStream) -> None:
     model, scheme, report = result.model, result.scheme, result.report
     device = torch.device(cfg.device)
     if checkpoint.start:
@@ -212,6 +252,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory:
                    attention_mask=None, use_cache=False)
     bar = _layer_bar(decoder_layers(model), checkpoint.start, f"Calibrating ({cfg.method})", ranks)
     for i, layer in enumerate(bar, checkpoint.start):
+        stream.enter(i, layer)
         layer.to(device)
         fp_layer = None
         if fp_trajectory:
@@ -225,6 +266,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory:
             _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
         layer.to("cpu")
         checkpoint.save(i, layer, inps, fp_inps)
+        stream.leave(i, layer)
         bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
 
 

@@ -52,18 +52,25 @@ def _set(param: nn.Parameter, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module) -> None:
+def fuse_norms(model: nn.Module, layers: bool = True) -> None:
     """Fold every RMSNorm weight into the linears it feeds and set it to one; unties lm_head
     from the embeddings first, because the final norm's weight only goes into lm_head.
-    Idempotent: on a fused model (norms one) it changes nothing."""
+    Idempotent: on a fused model (norms one) it changes nothing. ``layers=False`` leaves the
+    decoder layers to :func:`fuse_layer_norms` (layers streamed from disk, offload.py)."""
     if model.lm_head.weight is model.model.embed_tokens.weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        _fuse(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
-        _fuse(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+    if layers:
+        for layer in decoder_layers(model):
+            fuse_layer_norms(layer)
     _fuse(model.model.norm, (model.lm_head,))
+
+
+@torch.no_grad()
+def fuse_layer_norms(layer: nn.Module) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+    _fuse(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
+    _fuse(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
 
 
 def _fuse(norm: nn.Module, linears) -> None:
@@ -73,37 +80,52 @@ def _fuse(norm: nn.Module, linears) -> None:
     norm.weight.data.fill_(1.0)
 
 
-@torch.no_grad()
-def apply_rotations(model: nn.Module, rot: RotationArgs, matrices: RotationMatrices | None = None) -> None:
-    """Fold R1, R2 and the weight side of R4 into a norm-fused model (see :func:`fuse_norms`).
-    ``matrices`` gives R1/R2 (required for kind "spinquant"); by default the random Hadamards of
-    ``rot.seed``."""
-    shape = attention_shape(model.config)
+def rotation_matrices(config, rot: RotationArgs, matrices: RotationMatrices | None = None) -> RotationMatrices | None:
+    """The R1/R2 to fold: ``matrices`` (required for kind "spinquant"), else the random Hadamards."""
     if matrices is None and (rot.r1 or rot.r2):
         if rot.kind == "spinquant":
             raise ValueError("rotation kind 'spinquant' folds learned R1/R2: pass them as `matrices` "
                              "(spinquant.learn_rotations or spinquant.load_rotations)")
-        matrices = hadamard_rotations(model.config, rot.seed)
+        matrices = hadamard_rotations(config, rot.seed)
+    return matrices
+
+
+@torch.no_grad()
+def apply_rotations(model: nn.Module, rot: RotationArgs, matrices: RotationMatrices | None = None,
+                    layers: bool = True) -> None:
+    """Fold R1, R2 and the weight side of R4 into a norm-fused model (see :func:`fuse_norms`).
+    ``matrices`` gives R1/R2 (required for kind "spinquant"); by default the random Hadamards of
+    ``rot.seed``. ``layers=False`` leaves the decoder layers to :func:`rotate_layer`."""
+    matrices = rotation_matrices(model.config, rot, matrices)
     if rot.r1:
         R1 = matrices.R1.double()
         emb = model.model.embed_tokens.weight
         _set(emb, emb.double() @ R1)
         _set(model.lm_head.weight, model.lm_head.weight.double() @ R1)
-    for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        if rot.r1:
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                _set(lin.weight, lin.weight.double() @ R1)
-            for lin in (attn.o_proj, mlp.down_proj):
-                _rotate_output(lin, R1)
-        if rot.r2:
-            R2 = matrices.R2[i].double()
-            _rotate_output(attn.v_proj, torch.block_diag(*[R2] * shape.num_kv_heads))
-            o = attn.o_proj.weight
-            _set(o, o.double() @ torch.block_diag(*[R2] * shape.num_heads))
-        if rot.r4:
-            n = mlp.down_proj.in_features
-            _set(mlp.down_proj.weight, mlp.down_proj.weight.double() @ (hadamard_matrix(n) / n**0.5))
+    if layers:
+        for i, layer in enumerate(decoder_layers(model)):
+            rotate_layer(layer, i, model.config, rot, matrices)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, i: int, config, rot: RotationArgs, matrices: RotationMatrices | None) -> None:
+    """Fold R1, layer i's R2 and R4's weight side into decoder layer i (norms already fused)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if rot.r1:
+        R1 = matrices.R1.double()
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _set(lin.weight, lin.weight.double() @ R1)
+        for lin in (attn.o_proj, mlp.down_proj):
+            _rotate_output(lin, R1)
+    if rot.r2:
+        shape = attention_shape(config)
+        R2 = matrices.R2[i].double()
+        _rotate_output(attn.v_proj, torch.block_diag(*[R2] * shape.num_kv_heads))
+        o = attn.o_proj.weight
+        _set(o, o.double() @ torch.block_diag(*[R2] * shape.num_heads))
+    if rot.r4:
+        n = mlp.down_proj.in_features
+        _set(mlp.down_proj.weight, mlp.down_proj.weight.double() @ (hadamard_matrix(n) / n**0.5))
 
 
 def _rotate_output(lin: nn.Linear, M: torch.Tensor) -> None:

@@ -222,13 +222,14 @@ def test_full_disk_leaves_nothing(tiny_model_dir, text_file, tmp_path, capsys, m
             _bad(_quantize_args(model, out, text_file), capsys,
                  "No space left on device (os error 28)); free some space or choose another --state-dir")
         else:
-            import transformers.modeling_utils
             from safetensors import SafetensorError
+
+            import rotq.export.checkpoint
 
             def full(*args, **kwargs):
                 raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-            monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+            monkeypatch.setattr(rotq.export.checkpoint, "save_file", full)
             _bad(_quantize_args(model, out, text_file), capsys,
                  "No space left on device (os error 28): free space on that filesystem")
         assert not out.exists() and not [p for p in mount.rglob("*") if p.name.endswith(".tmp")]
