@@ -9,6 +9,9 @@ user's. Three parts (``--parts``):
   perplexity on WikiText-2 (``--windows`` × 2048) for the GPTQ rows.
 * ``scaling``: random-weight Llama models (smollm2's tokenizer) of growing width at fixed depth
   and growing depth at fixed width, GPTQ W4A16, time and peak RSS, drawn as a PNG.
+* ``offload``: the same random models at ``--offload-width`` and ``--offload-depths``, GPTQ
+  W4A16 on ``--offload-nsamples`` × 512 tokens, in memory and with ``--offload`` (decoder layers
+  streamed from disk): peak RSS against depth for both, on the PNG's third panel.
 * ``llm-compressor``: llm-compressor 0.14's ``oneshot`` with a per-channel symmetric W4A16
   ``GPTQModifier`` (lm_head ignored) on the same token windows, installed by this script into
   its own virtual environment (skipped, with the reason, where that fails); its output is
@@ -183,12 +186,31 @@ def llmcompressor_part(a, tmp: Path) -> list[dict]:
     return [row]
 
 
+def offload_part(a, tmp: Path) -> list[dict]:
+    rows = []
+    for layers in a.offload_depths:
+        model = tmp / f"syn-{a.offload_width}x{layers}"
+        if not model.exists():
+            synthetic_model(model, a.offload_width, layers)
+        for offload in (False, True):
+            out = tmp / f"o-{a.offload_width}x{layers}-{offload}"
+            extra = ["--offload", str(tmp / "offload")] if offload else []
+            small = argparse.Namespace(nsamples=a.offload_nsamples, seqlen=512)
+            row = {"part": "offload", "hidden": a.offload_width, "layers": layers, "method": "gptq",
+                   "offload": offload, **quantize(str(model), out, "w4a16", "gptq", small, extra)}
+            print(f"  hidden {a.offload_width} x {layers} layers, {'offload' if offload else 'in memory'}: "
+                  f"{row['calib_s']:.0f} s, {row['peak_rss_mb']:.0f} MB", flush=True)
+            rows.append(row)
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+    return rows
+
+
 def plot(rows: list[dict], png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     for ax, axis, key in ((axes[0], "width", "hidden"), (axes[1], "depth", "layers")):
         pts = sorted((r[key], r["calib_s"], r["peak_rss_mb"]) for r in rows if r.get("axis") == axis)
         if not pts:
@@ -203,6 +225,18 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.set_ylim(bottom=0)
         twin.set_ylim(bottom=0)
         ax.set_title(f"GPTQ W4A16 vs model {axis}")
+    ax = axes[2]
+    for offload, style, label in ((False, "o-", "in memory"), (True, "s--", "--offload")):
+        pts = sorted((r["layers"], r["peak_rss_mb"]) for r in rows
+                     if r.get("part") == "offload" and r["offload"] == offload)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            ax.set_title(f"peak RSS vs depth, hidden {next(r['hidden'] for r in rows if r.get('part') == 'offload')}")
+    ax.set_xlabel("decoder layers")
+    ax.set_ylabel("peak RSS MB")
+    ax.set_ylim(bottom=0)
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -211,8 +245,8 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", choices=("methods", "scaling", "llm-compressor"),
-                   default=["methods", "scaling", "llm-compressor"])
+    p.add_argument("--parts", nargs="+", choices=("methods", "scaling", "offload", "llm-compressor"),
+                   default=["methods", "scaling", "offload", "llm-compressor"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--scheme", default="w4a16")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
@@ -224,6 +258,9 @@ def main() -> None:
     p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--base-width", type=int, default=512)
     p.add_argument("--base-depth", type=int, default=4)
+    p.add_argument("--offload-width", type=int, default=1024)
+    p.add_argument("--offload-depths", type=int, nargs="+", default=[2, 8, 16])
+    p.add_argument("--offload-nsamples", type=int, default=16, help="calibration sequences of 512 (offload part)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--plot", type=Path, metavar="PNG")
     a = p.parse_args()
@@ -234,7 +271,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="rotq-calib-bench-", dir=REPO / "runs" if (REPO / "runs").is_dir()
                                      else None) as tmp:
-        for part, run in (("methods", methods_part), ("scaling", scaling_part),
+        for part, run in (("methods", methods_part), ("scaling", scaling_part), ("offload", offload_part),
                           ("llm-compressor", llmcompressor_part)):
             if part in a.parts:
                 print(f"{part}:", flush=True)
@@ -248,6 +285,7 @@ def main() -> None:
             print(f"| {r['part']} | - | skipped: {r['skipped']} | | | | |")
             continue
         shape = r.get("model") or (f"hidden {r['hidden']} x {r['layers']}" if "hidden" in r else a.model)
+        shape += " (--offload)" if r.get("offload") else ""
         ppl = f"{r['wikitext2']:.2f}" if "wikitext2" in r else "-"
         print(f"| {r['part']} | {shape} | {r['method']} | {r['calib_s']:.0f} | {r['wall_s']:.0f} | "
               f"{r['peak_rss_mb']:.0f} | {ppl} |")
