@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -645,11 +646,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "serve": cmd_serve, "prepare": cmd_prepare}
+    with _sigterm_exits():
+        try:
+            return commands[args.command](args)
+        except RotqError as e:
+            print(f"rotq: error: {e}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (kill, torchrun stopping its workers, a job scheduler) exits through Python's
+    cleanup, like Ctrl-C: temporary output and --offload scratch are removed, and the resume
+    state keeps its last complete layer."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        return commands[args.command](args)
-    except RotqError as e:
-        print(f"rotq: error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from rotq.quant import offload as offload_module
 from rotq.quant.arch import decoder_layers, layer_linears
@@ -98,18 +99,22 @@ def test_offloaded_weights_round_trip(tmp_path):
         for name in ("q", "down"):
             key = f"model.layers.{layer}.{name}"
             zero = None if name == "q" else torch.randint(0, 15, (5, 2), generator=g).float()
-            made[key] = QuantizedWeight(torch.randint(-8, 8, (5, 12), generator=g, dtype=torch.int8),
-                                        torch.rand(5, 2, generator=g), zero, 6)
+            codes = torch.randint(-8, 8, (5, 12), generator=g) if name == "q" else torch.randint(0, 256, (5, 12))
+            made[key] = QuantizedWeight(codes.float(), torch.rand(5, 2, generator=g), zero, 6)  # as solvers give
             store[key] = made[key]
         store.spill(f"layer-{layer:05d}")
     assert len(store) == 6 and list(store) == list(made) and "model.layers.1.q" in store
     for key, qw in reversed(made.items()):
         got = store[key]
+        assert got.codes.dtype == qw.codes.dtype
         assert torch.equal(got.codes, qw.codes) and torch.equal(got.scale, qw.scale)
         assert (got.zero_point is None) == (qw.zero_point is None) and got.group_size == 6
         if qw.zero_point is not None:
             assert torch.equal(got.zero_point, qw.zero_point)
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [f"layer-{i:05d}.safetensors" for i in range(3)]
+    with safe_open(tmp_path / "w" / "layer-00000.safetensors", "pt") as f:  # one byte per code on disk
+        assert f.get_tensor("model.layers.0.q.codes").dtype == torch.int8
+        assert f.get_tensor("model.layers.0.down.codes").dtype == torch.uint8
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -136,3 +141,45 @@ def test_failed_offload_run_leaves_no_scratch(tiny_model_dir, text_file, tmp_pat
               "--nsamples", "4", "--seqlen", "32", "--scheme", "w4a16", "--offload", str(scratch)])
     assert not any(scratch.iterdir()) and not (tmp_path / "out").exists()
     shutil.rmtree(scratch)
+
+
+CHILD = r"""
+import sys, time
+from pathlib import Path
+from rotq.quant import offload
+from rotq.quant.cli import main
+
+ready = Path(sys.argv[1])
+spill = offload.OffloadedWeights.spill
+
+def spill_then_wait(self, tag):
+    spill(self, tag)
+    ready.touch()
+    time.sleep(600)
+
+offload.OffloadedWeights.spill = spill_then_wait
+main(sys.argv[2:])
+"""
+
+
+def test_sigterm_mid_run_removes_the_scratch(tiny_model_dir, text_file, tmp_path):
+    """kill (SIGTERM) after a layer was offloaded: exit 143, no scratch, no output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready, scratch, out = tmp_path / "ready", tmp_path / "scratch", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), "quantize", str(tiny_model_dir("llama")),
+                             "-o", str(out), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                             "--scheme", "w4a16", "--offload", str(scratch)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.stderr.read()[-2000:]
+    assert any(scratch.rglob("layer-00000.safetensors"))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert not any(scratch.iterdir()) and not out.exists()
