@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from rotq.export.atomic import atomic_directory
 from rotq.kernels.packing import pack_factor, pack_int32
@@ -76,40 +77,66 @@ def shard_bytes(size: str) -> int:
     raise ValueError(f"shard size {size!r}: write a number and KB, MB, GB, KiB, MiB or GiB")
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _Shard:
+    """One safetensors file written a tensor at a time, so no shard is ever held in memory:
+    the tensors' bytes go to a side file as they come, and close() writes the header (which
+    must precede them) and then copies the bytes after it."""
+
+    def __init__(self, path: Path):
+        self.path, self.data_path = path, path.with_suffix(".data")
+        self.data = open(self.data_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + nbytes]}
+        if nbytes:
+            self.data.write(t.reshape(-1).view(torch.uint8).numpy())
+        self.size += nbytes
+
+    def close(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 1 << 24)
+        self.data_path.unlink()
+
+
 def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, limit: int) -> None:
     """Write ``tensors`` as safetensors shards of at most ``limit`` bytes (a larger tensor gets
-    its own), holding one shard in memory: model.safetensors, or model-0000i-of-0000n.safetensors
-    and model.safetensors.index.json."""
-    parts, current, size, seen = [], {}, 0, set()
-
-    def flush():
-        if current:
-            path = directory / f"part-{len(parts)}.safetensors"
-            save_file(current, path, metadata={"format": "pt"})
-            parts.append((path, list(current)))
-            current.clear()
-            seen.clear()
-
-    total = 0
+    its own), one tensor in memory at a time: model.safetensors, or
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json."""
+    parts: list[_Shard] = []
     for name, t in tensors:
-        if t.data_ptr() in seen and t.numel():  # safetensors refuses tensors that share memory
-            t = t.clone()
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > limit:
-            flush()
-            size = 0
-        current[name], size, total = t, size + nbytes, total + nbytes
-        seen.add(t.data_ptr())
-    flush()
+        if not parts or (parts[-1].entries and parts[-1].size + nbytes > limit):
+            if parts:
+                parts[-1].close()
+            parts.append(_Shard(directory / f"part-{len(parts)}.safetensors"))
+        parts[-1].add(name, t)
+    if not parts:
+        raise RotqError("the model has no tensors to write")
+    parts[-1].close()
     if len(parts) == 1:
-        parts[0][0].rename(directory / "model.safetensors")
+        parts[0].path.rename(directory / "model.safetensors")
         return
     weight_map = {}
-    for i, (path, names) in enumerate(parts, 1):
+    for i, part in enumerate(parts, 1):
         final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-        path.rename(directory / final)
-        weight_map.update(dict.fromkeys(names, final))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        part.path.rename(directory / final)
+        weight_map.update(dict.fromkeys(part.entries, final))
+    index = {"metadata": {"total_size": sum(p.size for p in parts)}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

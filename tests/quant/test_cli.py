@@ -205,7 +205,7 @@ def test_full_disk_leaves_nothing(tiny_model_dir, text_file, tmp_path, capsys, m
     """A disk that fills up during the run: one clear line, exit 2, and nothing half-written (no
     output directory, no partial file; the resume state keeps only complete files). A real
     256 KiB tmpfs where this machine may mount one (root), else the same failure injected where
-    safetensors writes the checkpoint."""
+    the checkpoint's shards are written."""
     import subprocess as sp
 
     model = tiny_model_dir("llama")  # built before any write can fail
@@ -222,16 +222,16 @@ def test_full_disk_leaves_nothing(tiny_model_dir, text_file, tmp_path, capsys, m
             _bad(_quantize_args(model, out, text_file), capsys,
                  "No space left on device (os error 28)); free some space or choose another --state-dir")
         else:
-            from safetensors import SafetensorError
+            import errno
 
             import rotq.export.checkpoint
 
-            def full(*args, **kwargs):
-                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            def full(self):
+                raise OSError(errno.ENOSPC, "No space left on device")
 
-            monkeypatch.setattr(rotq.export.checkpoint, "save_file", full)
+            monkeypatch.setattr(rotq.export.checkpoint._Shard, "close", full)
             _bad(_quantize_args(model, out, text_file), capsys,
-                 "No space left on device (os error 28): free space on that filesystem")
+                 "No space left on device: free space on that filesystem")
         assert not out.exists() and not [p for p in mount.rglob("*") if p.name.endswith(".tmp")]
     finally:
         if mounted:
