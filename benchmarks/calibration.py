@@ -206,15 +206,19 @@ def offload_part(a, tmp: Path) -> list[dict]:
 
 
 def plot(rows: list[dict], png: Path) -> None:
+    """One panel per part measured: time and peak RSS against width and against depth
+    (``scaling``), peak RSS against depth in memory and with --offload (``offload``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    for ax, axis, key in ((axes[0], "width", "hidden"), (axes[1], "depth", "layers")):
+    axes_rows = [(axis, key) for axis, key in (("width", "hidden"), ("depth", "layers"))
+                 if any(r.get("axis") == axis for r in rows)]
+    offload = [r for r in rows if r.get("part") == "offload"]
+    panels = len(axes_rows) + bool(offload)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    for ax, (axis, key) in zip(axes[0], axes_rows):
         pts = sorted((r[key], r["calib_s"], r["peak_rss_mb"]) for r in rows if r.get("axis") == axis)
-        if not pts:
-            continue
         x = [p[0] for p in pts]
         ax.plot(x, [p[1] for p in pts], "o-", color="tab:blue", label="calibration s")
         ax.set_xlabel("hidden size" if axis == "width" else "decoder layers")
@@ -225,17 +229,15 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.set_ylim(bottom=0)
         twin.set_ylim(bottom=0)
         ax.set_title(f"GPTQ W4A16 vs model {axis}")
-    ax = axes[2]
-    for offload, style, label in ((False, "o-", "in memory"), (True, "s--", "--offload")):
-        pts = sorted((r["layers"], r["peak_rss_mb"]) for r in rows
-                     if r.get("part") == "offload" and r["offload"] == offload)
-        if pts:
+    if offload:
+        ax = axes[0][-1]
+        for mode, style, label in ((False, "o-", "in memory"), (True, "s--", "--offload")):
+            pts = sorted((r["layers"], r["peak_rss_mb"]) for r in offload if r["offload"] == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-            ax.set_title(f"peak RSS vs depth, hidden {next(r['hidden'] for r in rows if r.get('part') == 'offload')}")
-    ax.set_xlabel("decoder layers")
-    ax.set_ylabel("peak RSS MB")
-    ax.set_ylim(bottom=0)
-    if ax.lines:
+        ax.set_title(f"GPTQ W4A16 peak RSS vs depth, hidden {offload[0]['hidden']}")
+        ax.set_xlabel("decoder layers")
+        ax.set_ylabel("peak RSS MB")
+        ax.set_ylim(bottom=0)
         ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +298,7 @@ def main() -> None:
             "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(a).items()}}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    if a.plot is not None and any(r.get("part") == "scaling" for r in rows):
+    if a.plot is not None and any(r.get("part") in ("scaling", "offload") for r in rows):
         plot(rows, a.plot)
 
 
