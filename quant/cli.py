@@ -306,7 +306,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ranks, device: str) -> int:
-    """cmd_quantize once the options are checked: load, rotate, calibrate, write (rank 0)."""
+    """cmd_quantize after the cheap checks: refuse flag combinations this run cannot honour,
+    then load, rotate, calibrate and write (rank 0), inside the --offload scratch if any."""
     from rotq.quant.data import load_text
     from rotq.quant.methods import needs_data
     from rotq.quant.models import resolve_model_dir
