@@ -336,12 +336,13 @@ def _solve_linear(name, lin: nn.Linear, H, D, cfg, scheme: Scheme) -> _Solved:
     weight = QuantizedWeight(*(None if t is None else t.cpu() for t in (
         result.quantized.codes, result.quantized.scale, result.quantized.zero_point)),
         result.quantized.group_size)
-    dW = (W - result.Q).double()
-    w_err = float(dW.square().sum() / W.double().square().sum().clamp_min(1e-30))
+    dW = W - result.Q
+    w_err = float(dW.square().sum(dtype=torch.float64) / W.square().sum(dtype=torch.float64).clamp_min(1e-30))
     out_err = None
-    if H is not None:
-        Hd = H.to(dW.device, torch.float64)
-        out_err = float((dW @ Hd * dW).sum() / (W.double() @ Hd * W.double()).sum().clamp_min(1e-30))
+    if H is not None:  # float32 products, float64 sums: the float64 products cost a third of a big solve
+        Hs = to_w(H)
+        out_err = float((dW @ Hs * dW).sum(dtype=torch.float64)
+                        / (W @ Hs * W).sum(dtype=torch.float64).clamp_min(1e-30))
     seconds = time.perf_counter() - t0
     loss = None if result.loss != result.loss else result.loss  # NaN -> None (RTN)
     logger.info("%s: weight err %.3g, output err %s, %.2fs", name, w_err,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rotq.quant.quantizer import (
-    check_group_size, fake_quantize_activation, fake_quantize_kv, fit_weight_grid, quantize_weight_rtn,
+    Grid, check_group_size, fake_quantize_activation, fake_quantize_kv, fit_weight_grid, quantize_weight_rtn,
 )
 from rotq.quant.scheme import ActivationArgs, KVCacheArgs, WeightArgs
 
@@ -54,6 +54,47 @@ def test_clip_search_never_worse_on_its_metric(symmetric):
     err = lambda g: (g.fake_quantize(W) - W).abs().pow(2.4).sum(dim=1)  # noqa: E731
     assert (err(searched) <= err(plain) + 1e-12).all()
     assert (err(searched) < err(plain)).any()
+
+
+def _clip_search_by_scan(W, args):
+    """The search written as the plain scan over shrink factors that keeps a strictly better one."""
+    xmin, xmax = W.min(1, keepdim=True).values.clamp(max=0), W.max(1, keepdim=True).values.clamp(min=0)
+    best = fit_weight_grid(W, WeightArgs(bits=args.bits, symmetric=args.symmetric, clip_search=False))
+    best_err = (best.fake_quantize(W) - W).abs().pow(2.4).sum(1, keepdim=True)
+    for k in range(1, round(args.clip_max_shrink * 100)):
+        p = 1 - k / 100
+        lo, hi = p * xmin, p * xmax
+        if args.symmetric:
+            scale = torch.maximum(-lo, hi) / (2 ** (args.bits - 1) - 0.5)
+            grid = Grid(torch.where(scale > 0, scale, torch.ones_like(scale)), None, args.bits)
+        else:
+            scale = (hi - lo) / (2**args.bits - 1)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            grid = Grid(scale, torch.round(-lo / scale), args.bits)
+        err = (grid.fake_quantize(W) - W).abs().pow(2.4).sum(1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best.scale = torch.where(better, grid.scale, best.scale)
+        if not args.symmetric:
+            best.zero_point = torch.where(better, grid.zero_point, best.zero_point)
+    return best
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (576, 1536), (1536, 577), (3, 300_001)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_clip_search_equals_the_plain_scan(shape, symmetric, dtype):
+    """The search runs in cache-sized blocks of rows; it must pick exactly the grid the plain
+    scan picks (rows longer than a block, several blocks, a last partial block, zero rows)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    W = (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+    W[0, :2] = 0.5  # an outlier worth clipping
+    W[-1] = 0  # a dead row: every candidate ties
+    args = WeightArgs(bits=3 if symmetric else 4, symmetric=symmetric)
+    got, want = fit_weight_grid(W, args), _clip_search_by_scan(W, args)
+    assert torch.equal(got.scale, want.scale)
+    if not symmetric:
+        assert torch.equal(got.zero_point, want.zero_point)
 
 
 def test_group_size_must_divide():
