@@ -53,9 +53,11 @@ def test_store_equals_the_calibration_quantizer(T, H, D, symmetric):
     k[0, 0] = 0.0
     slots = torch.randperm(8 * 16, generator=g)[:T]
     args = KVCacheArgs(bits=4, symmetric=symmetric, clip_ratio=0.95)
-    for store in (kv_quant_store, kv_store_reference):
-        cache = _strided_cache(8, 16, H, D)
-        store(k.to(DEVICE), v.to(DEVICE), cache, slots.to(DEVICE), 0.95, symmetric)
+    # The reference runs on the CPU, as calibration does (on CUDA, torch divides by a scalar
+    # through its reciprocal, which moves a few codes).
+    for store, device in ((kv_quant_store, DEVICE), (kv_store_reference, "cpu")):
+        cache = new_cache(16, 16, H, D, device)[1::2]
+        store(k.to(device), v.to(device), cache, slots.to(device), 0.95, symmetric)
         K, V = dequantize_kv(cache.cpu(), D)
         flat = lambda X: X.permute(0, 2, 1, 3).reshape(-1, H, D)[slots]  # noqa: E731
         assert torch.equal(flat(K), fake_quantize_kv(k, args))
@@ -102,6 +104,42 @@ def test_attention_matches_float64(lens, Hq, Hkv, D, chunk, splits, max_blocks):
                         splits=splits)
     ref = kv4_attention_reference(q, cache.cpu(), tables, seq_idx, positions, scale)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_in_half_precision(dtype):
+    """q in bfloat16 / float16 (as vLLM serves): the result is the float64 attention of that q,
+    rounded once to the output type."""
+    g = torch.Generator().manual_seed(5)
+    Hq, Hkv, D, n = 8, 2, 128, 70
+    cache = _strided_cache(10, 8, Hkv, D)
+    k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
+    kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, torch.arange(n).to(DEVICE), 0.95)
+    tables = torch.arange(10).reshape(1, 10)
+    q = torch.randn(3, Hq, D, generator=g).to(dtype)
+    seq, pos = torch.zeros(3, dtype=torch.long), torch.tensor([n - 3, n - 2, n - 1])
+    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq.to(DEVICE), pos.to(DEVICE), D ** -0.5)
+    assert out.dtype == dtype
+    ref = kv4_attention_reference(q.float(), cache.cpu(), tables, seq, pos, D ** -0.5)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("q_gain,v_gain", [(1e8, 1.0), (1e-6, 1.0), (1.0, 1e-6), (1.0, 3e5)])
+def test_attention_accuracy_at_extreme_magnitudes(q_gain, v_gain):
+    """The float16 parts are taken of q and p·v_scale scaled by powers of two, so queries or
+    values far outside float16's range keep float32-grade accuracy."""
+    g = torch.Generator().manual_seed(11)
+    Hq, Hkv, D, n = 4, 1, 64, 45
+    cache = _strided_cache(6, 8, Hkv, D)
+    k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g) * v_gain
+    kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, torch.arange(n).to(DEVICE), 1.0)
+    tables = torch.arange(6).reshape(1, 6)
+    q = torch.randn(2, Hq, D, generator=g) * q_gain / 64  # large gains: one-hot softmax, no inf
+    seq, pos = torch.zeros(2, dtype=torch.long), torch.tensor([n - 2, n - 1])
+    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq.to(DEVICE), pos.to(DEVICE), D ** -0.5)
+    ref = kv4_attention_reference(q, cache.cpu(), tables, seq, pos, D ** -0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 def test_bad_caches_are_refused():
