@@ -69,6 +69,10 @@ class QuantizeOptions:
     rotation_file: str | None = None  # spinquant: reuse these R1/R2 instead of learning
     rotation_samples: int | None = None  # spinquant: calibration sequences per step
     method: str | None = None  # None: DEFAULT_METHOD by whether the scheme quantizes activations
+    refine: str = "none"  # learned weight refinement before the method: none | lsi | sde (refine.py)
+    refine_steps: int | None = None  # AdamW steps per layer (default: RefineOptions)
+    refine_lr: float | None = None
+    cross_layer: int | None = None  # refinement also matches the output this many layers ahead
     calib: str = "wikisum"
     nsamples: int = 64
     seqlen: int = 1024
@@ -109,6 +113,12 @@ def _add_quantize(sub) -> None:
                    "spinquant/rotations.safetensors instead of learning")
     p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
                    "such as gptaq+foem, qep+gptq (default: qep+gptq when activations are quantized, else gptq)")
+    p.add_argument("--refine", help="learned weight refinement of each layer before --method (CQE+-style): "
+                                    "none (default) | lsi (singular-value increments) | sde (a band around the "
+                                    "diagonal of the singular values)")
+    p.add_argument("--refine-steps", type=int, help="refinement: AdamW steps per layer (default 100)")
+    p.add_argument("--refine-lr", type=float, help="refinement: initial learning rate, cosine decay (default 5e-3)")
+    p.add_argument("--cross-layer", type=int, help="refinement: also match the output K layers ahead (default 0)")
     p.add_argument("--calib", help="wikisum | wikitext2 | PATH of a text file (default wikisum, train split)")
     p.add_argument("--nsamples", type=int, help="calibration sequences (default 64)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 1024)")
@@ -320,11 +330,24 @@ def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ra
     fit_clip = scheme.activations is not None and (o.a_clip or DEFAULT_A_CLIP) == "auto"
     if o.offload is not None:
         _check_offload(o, args.resume, learning, fit_clip)
-    text = load_text(o.calib, "train") if needs_data(method) or learning is not None or fit_clip else None
+    from rotq.quant.refine import check_refine
+
+    refine = refine_options(o)
+    check_refine(refine, ranks.distributed, o.offload is not None)
+    uses_data = needs_data(method) or learning is not None or fit_clip or refine.enabled
+    text = load_text(o.calib, "train") if uses_data else None
     model_dir = resolve_model_dir(args.model)
     with _offload_scratch(o.offload, ranks) as scratch:
         return _calibrate_and_write(args, o, scheme, method, state_dir, ranks, device, learning, fit_clip,
                                     text, model_dir, scratch)
+
+
+def refine_options(o: QuantizeOptions):
+    """RefineOptions from the flags (RotqError names a bad value), seeded by --seed."""
+    from rotq.quant.refine import RefineOptions
+
+    given = {"steps": o.refine_steps, "lr": o.refine_lr, "cross_layer": o.cross_layer}
+    return RefineOptions(kind=o.refine, seed=o.seed, **{k: v for k, v in given.items() if v is not None})
 
 
 def _check_offload(o: QuantizeOptions, resume: bool, learning, fit_clip: bool) -> None:
@@ -389,7 +412,7 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
         device=device, trajectory_dir=o.trajectory_dir,
-        act_clip_search=ClipSearchOptions() if fit_clip else None, options=MethodOptions(
+        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine_options(o), options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,

@@ -10,7 +10,8 @@ copy of each layer on the full-precision inputs in lockstep, batch by batch, and
 D from the paired inputs: nothing per linear is cached. Only the current layer (and its copy)
 sits on the compute device. With a ``CalibrationState`` (resume.py) the fitted activation clip
 and every completed layer, with the trajectories feeding the next one, are saved as they are
-reached, and a resumed run starts from them. Under torchrun (distributed.py) each rank
+reached, and a resumed run starts from them. With ``cfg.refine`` (refine.py) each layer's
+weights are first refined by gradient against the full-precision layer, then solved. Under torchrun (distributed.py) each rank
 calibrates on its shard of the samples, the statistics are summed over the ranks and each
 linear is solved by one rank and broadcast. With an ``Offload`` (offload.py) the decoder
 layers' linears are read from disk when their layer is reached and their quantized weights
@@ -41,6 +42,7 @@ from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.quantizer import QuantizedWeight
+from rotq.quant.refine import RefineOptions, RefineReport, check_refine, refine_layer
 from rotq.quant.rotation import (RotationMatrices, apply_rotations, fuse_layer_norms, fuse_norms, rotate_layer,
                                  rotation_matrices)
 from rotq.quant.scheme import Scheme
@@ -68,6 +70,8 @@ class CalibrationConfig:
     # Fit the activation clip ratio on the calibration data before calibrating (act_clip.py);
     # None keeps the scheme's ratio.
     act_clip_search: ClipSearchOptions | None = None
+    # Learned weight refinement of each layer before its linears are solved (refine.py).
+    refine: RefineOptions = field(default_factory=RefineOptions)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class CalibrationReport:
     peak_rss_mb: float = 0.0
     linears: list[LinearReport] = field(default_factory=list)
     act_clip_search: dict | None = None  # ClipSearchResult.to_dict() when the ratio was fitted
+    refine: list[RefineReport] = field(default_factory=list)  # one per decoder layer, with --refine
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +165,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     if offload is not None and (state is not None or cfg.act_clip_search is not None):
         raise RotqError("--offload streams the layers from disk, so it cannot save calibration state "
                         "(--resume) or fit the activation clip on the whole model (give --a-clip RATIO)")
+    check_refine(cfg.refine, ranks.distributed, offload is not None)
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
     result = QuantizedModel(model, scheme, {} if offload is None else offload.weights, report)
@@ -173,13 +179,13 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
         install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
         logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
     checkpoint = _Checkpoint(state, result, clock)
-    if plan.needs_data:
+    if plan.needs_data or cfg.refine.enabled:
         if calib_ids is None:
-            raise ValueError(f"method {cfg.method!r} needs calibration data")
+            raise ValueError(f"method {cfg.method!r} (or --refine) needs calibration data")
         if not cfg.act_quant_calibration:
             install_online_ops(model, _without_quantizers(scheme))
         ranks.check_shardable(n, cfg.batch_size, "calibration sequences")
-        _calibrate_sequential(result, calib_ids, cfg, plan.needs_fp_trajectory, checkpoint, ranks, stream)
+        _calibrate_sequential(result, calib_ids, cfg, plan, checkpoint, ranks, stream)
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
@@ -213,6 +219,7 @@ class _Checkpoint:
         if state is not None and state.layers_done:
             result.weights.update(state.restore_layers(decoder_layers(result.model)))
             result.report.linears = [LinearReport(**r) for r in state.report["linears"]]
+            result.report.refine = [RefineReport(**r) for r in state.report.get("refine", [])]
             self.start = state.layers_done
 
     def save(self, i: int, layer: nn.Module, inps=None, fp_inps=None) -> None:
@@ -221,7 +228,8 @@ class _Checkpoint:
         prefix = f"model.layers.{i}."
         weights = {k: w for k, w in self.result.weights.items() if k.startswith(prefix)}
         report = {"seconds": time.perf_counter() - self.clock,
-                  "linears": [asdict(r) for r in self.result.report.linears]}
+                  "linears": [asdict(r) for r in self.result.report.linears],
+                  "refine": [asdict(r) for r in self.result.report.refine]}
         self.state.save_layer(i, layer, weights, report, inps, fp_inps)
 
 
@@ -235,9 +243,11 @@ def _without_quantizers(scheme: Scheme) -> Scheme:
     return scheme.replace(activations=None, kv_cache=None)
 
 
-def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory: bool,
-                          checkpoint: _Checkpoint, ranks: Ranks, stream: _LayerStream) -> None:
+def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoint: _Checkpoint, ranks: Ranks,
+                          stream: _LayerStream) -> None:
     model, scheme, report = result.model, result.scheme, result.report
+    fp_trajectory = plan.needs_fp_trajectory
+    installed = scheme if cfg.act_quant_calibration else _without_quantizers(scheme)
     device = torch.device(cfg.device)
     if checkpoint.start:
         inps, fp_inps = checkpoint.state.load_activations(device)
@@ -250,24 +260,42 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, fp_trajectory:
     position_embeddings = rotary(inps[:1], position_ids)
     forward = dict(position_ids=position_ids, position_embeddings=position_embeddings,
                    attention_mask=None, use_cache=False)
-    bar = _layer_bar(decoder_layers(model), checkpoint.start, f"Calibrating ({cfg.method})", ranks)
+    layers = decoder_layers(model)
+    bar = _layer_bar(layers, checkpoint.start, f"Calibrating ({cfg.method})", ranks)
     for i, layer in enumerate(bar, checkpoint.start):
         stream.enter(i, layer)
         layer.to(device)
         fp_layer = None
-        if fp_trajectory:
-            fp_layer = copy.deepcopy(layer)
-            install_layer_ops(fp_layer, _without_quantizers(scheme))
+        if fp_trajectory or cfg.refine.enabled:  # copied before refinement changes the weights
+            fp_layer = _full_precision_copy(layer, scheme)
+        if cfg.refine.enabled:
+            ahead = [_full_precision_copy(block, scheme).to(device)
+                     for block in layers[i + 1:i + 1 + cfg.refine.cross_layer]]
+            report.refine.append(refine_layer(i, layer, fp_layer, ahead, inps, fp_inps, forward, scheme, installed,
+                                              cfg.refine, cfg.batch_size, ranks.is_main))
+            logger.info("layer %d refined (%s): loss %.4g -> %.4g, %.1fs", i, cfg.refine.kind,
+                        report.refine[-1].loss_start, report.refine[-1].loss_end, report.refine[-1].seconds)
         for group in LINEAR_GROUPS:
-            H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size, fp_layer, fp_inps, ranks)
+            H = D = None
+            if plan.needs_data:
+                H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size,
+                                        fp_layer if fp_trajectory else None, fp_inps, ranks)
             _solve_group(i, group, layer, H, D, cfg, result, ranks)
         _propagate(layer, inps, forward, cfg.batch_size)
-        if fp_layer is not None:
+        if fp_trajectory:
             _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
         layer.to("cpu")
         checkpoint.save(i, layer, inps, fp_inps)
         stream.leave(i, layer)
-        bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
+        if report.linears[-1].output_rel_err is not None:
+            bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
+
+
+def _full_precision_copy(layer: nn.Module, scheme: Scheme) -> nn.Module:
+    """A copy of a decoder layer computing in full precision: the scheme's rotations, no quantizers."""
+    fp_layer = copy.deepcopy(layer)
+    install_layer_ops(fp_layer, _without_quantizers(scheme))
+    return fp_layer
 
 
 def _trajectory_buffer(inps: torch.Tensor, directory: str | None) -> torch.Tensor:

@@ -117,6 +117,11 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(["quantize", str(model)], capsys, "-o/--out")
     _bad(_quantize_args(model, out, text_file, "--format", "gguf"), capsys, "unknown format 'gguf'")
     _bad(_quantize_args(model, out, text_file, "--a-clip", "1.5"), capsys, "--a-clip must be a ratio")
+    _bad(_quantize_args(model, out, text_file, "--refine", "svd"), capsys, "unknown --refine 'svd'")
+    _bad(_quantize_args(model, out, text_file, "--refine", "lsi", "--refine-lr", "0"), capsys, "lr > 0")
+    _bad(_quantize_args(model, out, text_file, "--rotation", "hadamard", "--a-clip", "0.9", "--refine", "sde",
+                        "--cross-layer", "1", "--offload",
+                        str(tmp_path / "scratch")), capsys, "--cross-layer needs the next layers in memory")
     _bad(_quantize_args(model, out, text_file, "--scheme", "w4a16", "--a-clip", "auto"), capsys,
          "keeps them 16-bit")
     _bad(["serve", str(tmp_path)], capsys, "not a checkpoint directory")
@@ -257,3 +262,15 @@ def test_serve_picks_the_cpu_dtype_each_format_runs_in(tiny_model_dir, tmp_path,
     started.clear()
     main(["serve", str(out), "--dtype", "float16"])  # a given dtype is kept
     assert started[0].count("--dtype") == 1 and "float16" in started[0]
+
+
+def test_refinement_through_the_cli(tiny_model_dir, text_file, tmp_path):
+    """--refine composes with --rotation and --method (here RTN, which alone needs no data)."""
+    out = tmp_path / "out"
+    assert main(_quantize_args(tiny_model_dir("llama"), out, text_file, "--scheme", "w4a4kv4", "--rotation",
+                               "hadamard", "--method", "rtn", "--a-clip", "0.9", "--refine", "sde",
+                               "--refine-steps", "4", "--cross-layer", "1")) == 0
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["provenance"]["options"]["refine"] == "sde"
+    assert [r["layer"] for r in report["refine"]] == [0, 1]
+    assert all(r["loss_end"] < r["loss_start"] for r in report["refine"])
