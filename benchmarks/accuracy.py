@@ -40,6 +40,15 @@ ROW_SETS = {
     # issue 5: the activation-error levers on top of the best compensator
     "levers-w4a4kv4": [("w4a4kv4", "hadamard", "qep+gptq", ("--a-clip", "auto")),
                        ("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--rotation-steps", "20"))],
+    # issue 7: learned refinement before {rtn, gptq, the best compensator}, with and without the
+    # cross-layer term; the clip ratio of the foundation/compensator rows (0.9) for comparison
+    "refine-w4a4kv4-hadamard": [
+        ("w4a4kv4", "hadamard", m, ("--a-clip", "0.9", "--refine", r)) for m in ("rtn", "gptq", "qep+gptq")
+        for r in ("lsi", "sde")] + [
+        ("w4a4kv4", "hadamard", m, ("--a-clip", "0.9", "--refine", "sde", "--cross-layer", "1"))
+        for m in ("gptq", "qep+gptq")],
+    "refine-w3a16": [("w3a16", "none", m, ("--refine", r)) for m in ("rtn", "gptq", "gptaq") for r in ("lsi", "sde")]
+    + [("w3a16", "none", "gptq", ("--refine", "sde", "--cross-layer", "1"))],
 }
 
 
@@ -71,9 +80,13 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
                   "peak_rss_mb": rep["peak_rss_mb"]}
         if rep.get("act_clip_search"):
             result["act_clip_search"] = rep["act_clip_search"]
+        if rep.get("refine"):
+            result["refine_seconds"] = sum(r["seconds"] for r in rep["refine"])
         result["layer_output_rel_err"] = layer_errors(rep["linears"])
     result["wikitext2"] = _ppl(model, str(a.wikitext2), a.windows, 2048, tmp)
     result["wikisum"] = _ppl(model, "wikisum", a.wikisum_windows, 2048, tmp)
+    if a.train_ppl:  # the calibration text itself: a gap to the test columns is overfitting
+        result["wikisum_train"] = _ppl(model, "wikisum:train", a.wikisum_windows, 2048, tmp)
     if row is not None:
         subprocess.run(["rm", "-rf", model], check=True)
     return result
@@ -147,13 +160,15 @@ def _key(row) -> tuple[str, str, str]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| scheme | rotation | method | WikiText-2 | wikisum | calibration s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+    train = any("wikisum_train" in r for r in rows)
+    lines = ["| scheme | rotation | method | WikiText-2 | wikisum | " + ("wikisum train | " if train else "")
+             + "calibration s | peak RSS MB |", "|---|---|---|---|---|---|---|" + ("---|" if train else "")]
     for r in rows:
         cal = f"{r['calib_seconds']:.0f}" if "calib_seconds" in r else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        tr = (f"{r['wikisum_train']:.2f} | " if "wikisum_train" in r else "- | ") if train else ""
         lines.append(f"| {r['scheme']} | {r['rotation']} | {r['method']} | {r['wikitext2']:.2f} | "
-                     f"{r['wikisum']:.2f} | {cal} | {rss} |")
+                     f"{r['wikisum']:.2f} | {tr}{cal} | {rss} |")
     return "\n".join(lines)
 
 
@@ -167,6 +182,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 2048")
     p.add_argument("--wikisum-windows", type=int, default=16, help="wikisum test windows of 2048")
     p.add_argument("--wikitext2", type=Path, default=WIKITEXT2)
+    p.add_argument("--train-ppl", action="store_true",
+                   help="also the perplexity of the calibration text (wikisum train, as many windows as wikisum test)")
     p.add_argument("--json", type=Path, help="where the rows go (required unless --plot-only)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     p.add_argument("--plot", type=Path, metavar="PNG",
