@@ -329,7 +329,7 @@ def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ra
     torch.manual_seed(o.seed)
     fit_clip = scheme.activations is not None and (o.a_clip or DEFAULT_A_CLIP) == "auto"
     if o.offload is not None:
-        _check_offload(o, args.resume, learning, fit_clip)
+        _check_offload(learning, fit_clip)
     from rotq.quant.refine import check_refine
 
     refine = refine_options(o)
@@ -350,11 +350,8 @@ def refine_options(o: QuantizeOptions):
     return RefineOptions(kind=o.refine, seed=o.seed, **{k: v for k, v in given.items() if v is not None})
 
 
-def _check_offload(o: QuantizeOptions, resume: bool, learning, fit_clip: bool) -> None:
+def _check_offload(learning, fit_clip: bool) -> None:
     """--offload streams the layers: refuse what needs the whole model in memory."""
-    if resume:
-        raise RotqError("--offload cannot be combined with --resume (no calibration state is saved while "
-                        "layers stream from disk); drop one of them")
     if learning is not None:
         raise RotqError("--offload cannot learn SpinQuant rotations (every step runs the whole model): learn "
                         "them without --offload and pass --rotation-file, or use --rotation hadamard")
@@ -406,7 +403,7 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
     if text is not None:
         ids = tokenize_text(tokenizer, text)
         calib_ids = calibration_batches(ids, o.nsamples, o.seqlen, o.seed)
-    state = None if ranks.distributed or offload is not None else _open_state(state_dir, args.resume, o, method, model_dir, calib_ids,
+    state = None if ranks.distributed else _open_state(state_dir, args.resume, o, method, model_dir, calib_ids,
                                                        len(decoder_layers(model)))
     rotations, rotation_info = _spinquant_rotations(model, scheme, calib_ids, o, learning, state, ranks)
     cfg = CalibrationConfig(
@@ -449,8 +446,10 @@ def _open_state(state_dir: Path, resume: bool, o: QuantizeOptions, method: str, 
     """The run's CalibrationState: resumed (when asked and one exists) or new."""
     from rotq.quant.resume import CalibrationState, fingerprint
 
-    # Every option that can change OUT; --trajectory-dir only moves a buffer from RAM to disk.
+    # Every option that can change OUT or the state; --trajectory-dir only moves a buffer from RAM
+    # to disk, and --offload's folder is scratch (whether layers stream from disk is recorded).
     options = {f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(o).items() if k != "trajectory_dir"}
+    options["--offload"] = o.offload is not None
     fp = fingerprint(options | {"--method": method}, model_dir, calib_ids,
                      {"rotation file": o.rotation_file})
     state = CalibrationState.open(state_dir, fp, resume)

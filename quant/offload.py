@@ -25,7 +25,7 @@ from torch import nn
 
 from rotq.quant.arch import decoder_layers, layer_linears
 from rotq.quant.errors import RotqError
-from rotq.quant.quantizer import QuantizedWeight
+from rotq.quant.quantizer import QuantizedWeight, compact_codes
 
 
 def _layer_linear_names(model: nn.Module) -> set[str]:
@@ -119,7 +119,7 @@ class OffloadedWeights(MutableMapping):
         path = self.directory / f"{tag}.safetensors"
         tensors, meta = {}, {}
         for name, qw in self._pending.items():
-            tensors[f"{name}.codes"] = _compact(qw.codes)
+            tensors[f"{name}.codes"] = compact_codes(qw.codes)
             tensors[f"{name}.scale"] = qw.scale.contiguous()
             if qw.zero_point is not None:
                 tensors[f"{name}.zero_point"] = qw.zero_point.contiguous()
@@ -167,17 +167,6 @@ class OffloadedWeights(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._where) + len(self._pending)
-
-
-def _compact(codes: torch.Tensor) -> torch.Tensor:
-    """Integer codes (held as floats by the solvers) in the smallest integer type that holds
-    them exactly: 1 byte per weight on disk instead of 4."""
-    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
-    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
-        info = torch.iinfo(dtype)
-        if info.min <= lo and hi <= info.max and torch.equal(codes, codes.round()):
-            return codes.to(dtype).contiguous()
-    return codes.contiguous()
 
 
 @dataclass

@@ -162,9 +162,9 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     plan = parse_method(check_method(cfg.method))
     if ranks.distributed and state is not None:
         raise RotqError("saving calibration state (--resume) works in one process only; run without torchrun")
-    if offload is not None and (state is not None or cfg.act_clip_search is not None):
-        raise RotqError("--offload streams the layers from disk, so it cannot save calibration state "
-                        "(--resume) or fit the activation clip on the whole model (give --a-clip RATIO)")
+    if offload is not None and cfg.act_clip_search is not None:
+        raise RotqError("--offload streams the layers from disk, so it cannot fit the activation clip on the "
+                        "whole model (give --a-clip RATIO)")
     check_refine(cfg.refine, ranks.distributed, offload is not None)
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
     report = CalibrationReport(cfg.method, n, seqlen)
@@ -178,7 +178,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
         scheme = result.scheme = with_activation_clip(scheme, report.act_clip_search["clip_ratio"])
         install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
         logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
-    checkpoint = _Checkpoint(state, result, clock)
+    checkpoint = _Checkpoint(state, result, clock, offload)
     if plan.needs_data or cfg.refine.enabled:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} (or --refine) needs calibration data")
@@ -212,12 +212,19 @@ def _fit_activation_clip(model, scheme, calib_ids, options, state, ranks) -> dic
 
 class _Checkpoint:
     """The pipeline's side of a CalibrationState (or of none): restores the completed layers
-    into ``result`` on creation (``start``: the first layer to calibrate) and saves each new one."""
+    into ``result`` on creation (``start``: the first layer to calibrate) and saves each new one.
+    Under an Offload the state keeps a layer's integer weights and its other tensors, not its
+    float linears (which are on disk in the checkpoint and no longer needed)."""
 
-    def __init__(self, state: CalibrationState | None, result: QuantizedModel, clock: float):
+    def __init__(self, state: CalibrationState | None, result: QuantizedModel, clock: float,
+                 offload: Offload | None = None):
         self.state, self.result, self.clock, self.start = state, result, clock, 0
+        self.offloaded = offload is not None
         if state is not None and state.layers_done:
-            result.weights.update(state.restore_layers(decoder_layers(result.model)))
+            for i, weights in enumerate(state.restore_layers(decoder_layers(result.model), not self.offloaded)):
+                result.weights.update(weights)
+                if self.offloaded:
+                    offload.weights.spill(f"layer-{i:05d}")
             result.report.linears = [LinearReport(**r) for r in state.report["linears"]]
             result.report.refine = [RefineReport(**r) for r in state.report.get("refine", [])]
             self.start = state.layers_done
@@ -230,7 +237,7 @@ class _Checkpoint:
         report = {"seconds": time.perf_counter() - self.clock,
                   "linears": [asdict(r) for r in self.result.report.linears],
                   "refine": [asdict(r) for r in self.result.report.refine]}
-        self.state.save_layer(i, layer, weights, report, inps, fp_inps)
+        self.state.save_layer(i, layer, weights, report, inps, fp_inps, linears=not self.offloaded)
 
 
 def _layer_bar(layers, start: int, desc: str, ranks: Ranks):

@@ -142,6 +142,17 @@ class QuantizedWeight:
         return grid.dequantize(q).reshape(N, K)
 
 
+def compact_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes (held as floats by the solvers) in the smallest integer type that holds
+    them exactly: 1 byte per weight on disk instead of 4."""
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max and torch.equal(codes, codes.round()):
+            return codes.to(dtype).contiguous()
+    return codes.contiguous()
+
+
 def check_group_size(K: int, args: WeightArgs, name: str = "weight") -> int:
     """The effective group size for K input features; fails when the group does not divide K."""
     G = args.group_size or K

@@ -8,9 +8,11 @@ The state directory (``OUT.partial`` next to the output by default, or ``--state
                                    fitted activation clip, the learned rotations' provenance,
                                    the calibration report so far, the file of activations
     rotations.safetensors          learned R1/R2 (--rotation spinquant), saved before the loop
-    layer-00003.safetensors        decoder layer 3 once calibrated: its state dict ("state.*"),
-                                   the integer form of its linears ("qweight.<name>.*") and
-                                   torch's CPU RNG state ("rng") at that point
+    layer-00003.safetensors        decoder layer 3 once calibrated: its state dict ("state.*";
+                                   under --offload without the linears' float weights), the
+                                   integer form of its linears ("qweight.<name>.*", codes in
+                                   the smallest integer type that holds them) and torch's CPU
+                                   RNG state ("rng") at that point
     activations-00003.safetensors  the inputs of layer 4: "inps" (the quantized model's
                                    trajectory) and, for gptaq/qep/rescomp, "fp_inps" (the
                                    full-precision trajectory)
@@ -42,13 +44,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from rotq.quant.arch import layer_linears
 from rotq.quant.errors import RotqError
-from rotq.quant.quantizer import QuantizedWeight
+from rotq.quant.quantizer import QuantizedWeight, compact_codes
 from rotq.quant.rotation import RotationMatrices, load_rotations, save_rotations
 
 logger = logging.getLogger(__name__)
 
-FORMAT, VERSION = "rotq-calibration-state", 1
+FORMAT, VERSION = "rotq-calibration-state", 2  # 2: integer codes stored compact
 MANIFEST = "manifest.json"
 ROTATIONS = "rotations.safetensors"
 # Every name the state writes; a directory holding anything else is not ours to delete.
@@ -158,16 +161,22 @@ class CalibrationState:
         self._commit()
 
     def save_layer(self, i: int, layer: nn.Module, weights: dict[str, QuantizedWeight], report: dict,
-                   inps: torch.Tensor | None = None, fp_inps: torch.Tensor | None = None) -> None:
-        """Record decoder layer ``i`` as done: its state dict and quantized ``weights``, the
-        ``report`` so far, and the trajectories ``inps`` / ``fp_inps`` [N, L, d] feeding layer i + 1."""
-        tensors = {f"state.{k}": v for k, v in layer.state_dict().items()}
+                   inps: torch.Tensor | None = None, fp_inps: torch.Tensor | None = None,
+                   linears: bool = True) -> None:
+        """Record decoder layer ``i`` as done: its state dict (without the linears' weights when
+        not ``linears``: under --offload their integer form is all that is kept) and quantized
+        ``weights``, the ``report`` so far, and the trajectories ``inps`` / ``fp_inps`` [N, L, d]
+        feeding layer i + 1."""
+        skip = set() if linears else {f"{name}.weight" for name in layer_linears(layer)}
+        tensors = {f"state.{k}": v for k, v in layer.state_dict().items() if k not in skip}
         for name, qw in weights.items():
             tensors |= {f"qweight.{name}.{k}": t for k, t in
-                        (("codes", qw.codes), ("scale", qw.scale), ("zero_point", qw.zero_point)) if t is not None}
+                        (("codes", compact_codes(qw.codes)), ("scale", qw.scale), ("zero_point", qw.zero_point))
+                        if t is not None}
         tensors["rng"] = torch.get_rng_state()
         group_sizes = json.dumps({name: qw.group_size for name, qw in weights.items()})
-        self._save_tensors(_layer_file(i), tensors, {"group_sizes": group_sizes})
+        code_dtypes = json.dumps({name: str(qw.codes.dtype).removeprefix("torch.") for name, qw in weights.items()})
+        self._save_tensors(_layer_file(i), tensors, {"group_sizes": group_sizes, "code_dtypes": code_dtypes})
         old = self.manifest["activations"]
         if inps is not None:
             trajectories = {"inps": inps} | ({} if fp_inps is None else {"fp_inps": fp_inps})
@@ -178,19 +187,22 @@ class CalibrationState:
         if old is not None and old != self.manifest["activations"]:
             (self.directory / old).unlink()
 
-    def restore_layers(self, layers: list[nn.Module]) -> dict[str, QuantizedWeight]:
-        """Load the completed layers into ``layers`` and torch's RNG state as it was after the
-        last of them; returns their quantized weights by module name."""
-        weights = {}
+    def restore_layers(self, layers: list[nn.Module], linears: bool = True) -> list[dict[str, QuantizedWeight]]:
+        """Load the completed layers into ``layers`` (all but the linears' weights when not
+        ``linears``) and torch's RNG state as it was after the last of them; returns each
+        layer's quantized weights by module name."""
+        restored = []
         for i in range(self.layers_done):
             tensors, meta = self._load_tensors(_layer_file(i))
             layers[i].load_state_dict({k.removeprefix("state."): v for k, v in tensors.items()
-                                       if k.startswith("state.")})
+                                       if k.startswith("state.")}, strict=linears)
+            weights, dtypes = {}, json.loads(meta["code_dtypes"])
             for lin, G in json.loads(meta["group_sizes"]).items():
-                parts = [tensors.get(f"qweight.{lin}.{k}") for k in ("codes", "scale", "zero_point")]
-                weights[lin] = QuantizedWeight(*parts, G)
+                codes, scale, zero = (tensors.get(f"qweight.{lin}.{k}") for k in ("codes", "scale", "zero_point"))
+                weights[lin] = QuantizedWeight(codes.to(getattr(torch, dtypes[lin])), scale, zero, G)
+            restored.append(weights)
             torch.set_rng_state(tensors["rng"])
-        return weights
+        return restored
 
     def load_activations(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(inps, fp_inps or None) feeding the first layer not done."""

@@ -120,7 +120,6 @@ def test_offloaded_weights_round_trip(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--rotation", "hadamard"], "--offload cannot fit --a-clip auto"),
     (["--a-clip", "0.9"], "--offload cannot learn SpinQuant rotations"),
-    (["--rotation", "hadamard", "--a-clip", "0.9", "--resume"], "--offload cannot be combined with --resume"),
 ])
 def test_offload_refuses_what_needs_the_whole_model(tiny_model_dir, text_file, tmp_path, capsys, extra, message):
     argv = ["quantize", str(tiny_model_dir("llama")), "-o", str(tmp_path / "out"), "--calib", str(text_file),

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from rotq.quant import pipeline
 from rotq.quant.cli import main
@@ -154,6 +155,33 @@ def test_sigkill_mid_layer_then_resume_is_bitwise_identical(tiny_model_dir, text
     assert "1/2 [" in err  # the progress bar starts at the completed layer
     assert solved == [n for n in solved if n.startswith("model.layers.1.")] and len(solved) == LINEARS_PER_LAYER
     assert not state.exists()
+    assert_same_output(reference, out)
+
+
+def test_offloaded_run_killed_mid_layer_resumes_bitwise_identical(tiny_model_dir, text_file, tmp_path,
+                                                                   monkeypatch):
+    """--offload with --resume: the state keeps each finished layer's integer weights and its
+    other tensors (not the float linears, which stay in the checkpoint); a run killed in layer 1
+    resumes with a fresh scratch folder and writes what an uninterrupted run writes (which is
+    what an in-memory run writes: test_offload.py)."""
+    model = tiny_model_dir("llama", nonpow2=True)
+    extra = ["--scheme", "w4a4kv4", "--rotation", "hadamard", "--a-clip", "0.9", "--method", "gptaq"]
+    offload = ["--offload", str(tmp_path / "scratch")]
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert main(_args(model, reference, text_file, *extra, *offload)) == 0
+
+    _kill_run(tmp_path, "solve", LINEARS_PER_LAYER + 3, _args(model, out, text_file, *extra, *offload))
+    state = tmp_path / "out.partial"
+    assert json.loads((state / MANIFEST).read_text())["layers_done"] == 1
+    from safetensors import safe_open
+    with safe_open(state / "layer-00000.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("qweight.model.layers.0.mlp.down_proj.codes").dtype == torch.int8
+    assert not any(k.startswith("state.") and k.endswith("_proj.weight") for k in keys)  # no float linears
+
+    solved = _count_solves(monkeypatch)
+    assert main(_args(model, out, text_file, *extra, *offload, "--resume")) == 0
+    assert len(solved) == LINEARS_PER_LAYER and not state.exists()
     assert_same_output(reference, out)
 
 
