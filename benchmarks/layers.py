@@ -122,9 +122,10 @@ def _rope_tables(positions, D, device):
     return ang.cos(), ang.sin()
 
 
-def kv4_attend(caches, tables, seq, pos, slots, cos, sin):
+def kv4_attend(caches, tables, seq, pos, slots, cos, sin, q_blocks=None):
     """Layer i's attention through the int4 cache: RoPE, R3 on Q and K, store the new K/V at
-    ``slots``, attend over pages ``tables`` (what the vLLM backend runs)."""
+    ``slots``, attend over pages ``tables`` (what the vLLM backend runs; ``q_blocks`` for a
+    prompt's runs of tokens)."""
     from rotq.kernels.hadamard import hadamard
     from rotq.kernels.kv4 import kv4_attention, kv_quant_store
 
@@ -132,7 +133,7 @@ def kv4_attend(caches, tables, seq, pos, slots, cos, sin):
         D = q.shape[-1]
         q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
         kv_quant_store(k, v.contiguous(), caches[i], slots, KV_CLIP)
-        return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5).reshape(q.shape[0], -1)
+        return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5, q_blocks=q_blocks).reshape(q.shape[0], -1)
     return attend
 
 
@@ -141,7 +142,7 @@ def prefill_step(stack: Stack, L: int):
     import torch
     import torch.nn.functional as F
 
-    from rotq.kernels.kv4 import new_cache
+    from rotq.kernels.kv4 import new_cache, query_blocks
     sh, dev = stack.shape, stack.device
     H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
     pos = torch.arange(L, device=dev)
@@ -153,7 +154,8 @@ def prefill_step(stack: Stack, L: int):
         tables = torch.arange(L // PAGE + 1, device=dev, dtype=torch.int32)[None]
         seq = torch.zeros(L, dtype=torch.int32, device=dev)
 
-        attend = kv4_attend(caches, tables, seq, pos, pos, cos, sin)
+        blocks = query_blocks(torch.tensor([0, L]), H // Hkv).to(dev)
+        attend = kv4_attend(caches, tables, seq, pos, pos, cos, sin, blocks)
     else:
         caches = [torch.empty(2, Hkv, L, D, device=dev, dtype=stack.dtype) for _ in range(n)]
 

@@ -246,25 +246,39 @@ def _f16_parts(x):
 
 
 @triton.jit
-def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
+def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr, qb_ptr, o_ptr, part_ptr, ml_ptr,
                           stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale, chunk,
                           H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                          D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
-    """Program (token t, KV head, split): the GROUP query heads sharing that KV head attend to
-    the cached tokens [split · chunk, min((split + 1) · chunk, position + 1)); each K/V tile of
-    codes is loaded once for the whole group. With one split the output is written directly, else
-    the unnormalised partial and its (max, sum) go to a workspace that _kv4_combine_kernel reduces."""
-    t = tl.program_id(0)
+                          BLOCK_M: tl.constexpr, BLOCKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPLITS: tl.constexpr):
+    """Program (query block b, KV head, split): the query tokens of block b (one token when not
+    BLOCKED; else the run qb[b] = (first token, count) of up to BLOCK_M consecutive tokens of one
+    sequence, at consecutive positions), each with the GROUP query heads sharing that KV head,
+    attend to the cached tokens [split · chunk, min((split + 1) · chunk, position + 1)). Rows are
+    (token, head) pairs; each K/V tile of codes is loaded once for all of them. With one split
+    the output is written directly, else the unnormalised partial and its (max, sum) go to a
+    workspace that _kv4_combine_kernel reduces."""
+    b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     S: tl.constexpr = H_KV * BLOCK_SIZE
-    seq = tl.load(seq_ptr + t)
-    n = tl.load(pos_ptr + t) + 1
-    g = tl.arange(0, GROUP_P)
+    if BLOCKED:
+        t0 = tl.load(qb_ptr + 2 * b)
+        m = tl.load(qb_ptr + 2 * b + 1)
+    else:
+        t0 = b
+        m = 1
+    row = tl.arange(0, BLOCK_M * GROUP_P)
+    tok = row // GROUP_P
+    g = row % GROUP_P
+    t = t0 + tok
     heads = kvh * GROUP + g
-    in_group = g < GROUP
+    in_group = (g < GROUP) & (tok < m)
+    seq = tl.load(seq_ptr + t0)
+    pos = tl.load(pos_ptr + t, mask=tok < m, other=0)  # each row's own causal limit
+    n = tl.load(pos_ptr + t0 + m - 1) + 1
     j = tl.arange(0, D // 2)
-    q_row = q_ptr + t * stride_qt + heads[:, None] * stride_qh + 2 * j[None, :]
+    q_row = q_ptr + t[:, None] * stride_qt + heads[:, None] * stride_qh + 2 * j[None, :]
     q_even = tl.load(q_row, mask=in_group[:, None], other=0.0).to(tl.float32) * softmax_scale
     q_odd = tl.load(q_row + 1, mask=in_group[:, None], other=0.0).to(tl.float32) * softmax_scale
     # q.k = k_scale (q.codes - k_zero sum(q)): the dots run on the integer codes, on tensor cores,
@@ -274,10 +288,10 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
     q_unit = tl.exp2(tl.floor(tl.log2(tl.maximum(q_max, 1e-30))))
     qe_hi, qe_lo = _f16_parts(q_even / q_unit[:, None])
     qo_hi, qo_lo = _f16_parts(q_odd / q_unit[:, None])
-    m_i = tl.full([GROUP_P], -float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
-    acc_e = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
-    acc_o = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M * GROUP_P], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_P], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK_M * GROUP_P, D // 2], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M * GROUP_P, D // 2], dtype=tl.float32)
     end = tl.minimum(sp * chunk + chunk, n)
     for start in range(sp * chunk, end, BLOCK_N):
         toks = start + tl.arange(0, BLOCK_N)
@@ -296,10 +310,13 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
         raw = tl.dot(qe_hi, tl.trans(c_e)) + tl.dot(qe_lo, tl.trans(c_e)) + \
             tl.dot(qo_hi, tl.trans(c_o)) + tl.dot(qo_lo, tl.trans(c_o))
         s = (raw * q_unit[:, None] - q_sum[:, None] * kz[None, :]) * ks[None, :]
-        s = tl.where(valid[None, :], s, -float("inf"))
+        s = tl.where(valid[None, :] & (toks[None, :] <= pos[:, None]), s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        # a row with nothing visible yet (a later token's split, before its first visible tile)
+        # keeps m = -inf: subtract 0 instead, so its weights are exp(-inf) = 0, not NaN
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
         vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
         vs = tl.load(scale_ptr + sc + 1, mask=valid, other=1.0)
         vz = (zp >> 4).to(tl.float32)
@@ -316,15 +333,15 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
         m_i = m_new
     d = tl.arange(0, D)
     if SPLITS == 1:
-        out = tl.reshape(tl.join(acc_e / l_i[:, None], acc_o / l_i[:, None]), (GROUP_P, D))
-        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=in_group[:, None])
+        out = tl.reshape(tl.join(acc_e / l_i[:, None], acc_o / l_i[:, None]), (BLOCK_M * GROUP_P, D))
+        tl.store(o_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=in_group[:, None])
     else:
-        row = (t * (H_KV * GROUP) + heads) * SPLITS + sp  # workspace [T, H_q, SPLITS, ...]
-        tl.store(part_ptr + row[:, None] * D + d[None, :], tl.reshape(tl.join(acc_e, acc_o), (GROUP_P, D)),
-                 mask=in_group[:, None])
-        tl.store(ml_ptr + row * 2, m_i, mask=in_group)
-        tl.store(ml_ptr + row * 2 + 1, l_i, mask=in_group)
+        ws = (t * (H_KV * GROUP) + heads) * SPLITS + sp  # workspace [T, H_q, SPLITS, ...]
+        tl.store(part_ptr + ws[:, None] * D + d[None, :],
+                 tl.reshape(tl.join(acc_e, acc_o), (BLOCK_M * GROUP_P, D)), mask=in_group[:, None])
+        tl.store(ml_ptr + ws * 2, m_i, mask=in_group)
+        tl.store(ml_ptr + ws * 2 + 1, l_i, mask=in_group)
 
 
 @triton.jit
@@ -348,6 +365,24 @@ def _kv4_combine_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H_Q: tl.c
 
 _BLOCK_N = 32
 _MIN_SPLIT_TOKENS = 256
+_BLOCK_ROWS = 64  # (query token, head) rows of a program serving a run of prefill tokens
+
+
+def _block_m(group: int) -> int:
+    """Query tokens per program for runs of prefill tokens: 64 rows of (token, head)."""
+    return max(1, _BLOCK_ROWS // triton.next_power_of_2(group))
+
+
+def query_blocks(query_start_loc: torch.Tensor, group: int) -> torch.Tensor | None:
+    """(first token, count) [nb, 2] int32 of the runs of at most _block_m(group) query tokens
+    that the requests' query ranges (``query_start_loc`` [R + 1], on the CPU) split into; None
+    when every request has one query token (decode: one program per token is as good)."""
+    starts = query_start_loc.tolist()
+    if all(e - s <= 1 for s, e in zip(starts, starts[1:])):
+        return None
+    step = _block_m(group)
+    runs = [(t, min(step, e - t)) for s, e in zip(starts, starts[1:]) for t in range(s, e, step)]
+    return torch.tensor(runs, dtype=torch.int32)
 
 
 def _num_splits(T: int, Hkv: int, max_context: int, device: torch.device) -> int:
@@ -362,11 +397,14 @@ def _num_splits(T: int, Hkv: int, max_context: int, device: torch.device) -> int
 
 def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_idx: torch.Tensor,
                   positions: torch.Tensor, softmax_scale: float, out: torch.Tensor | None = None,
-                  splits: int | None = None) -> torch.Tensor:
+                  splits: int | None = None, q_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [T, H_q, D] over the int4 paged cache (see the module docstring); writes
     into ``out`` [T, H_q, D] when given. ``splits`` divides each sequence's context among that
     many programs (flash-decoding), reduced by a second kernel; by default it is chosen from the
-    GPU's size and the block table's width (no host sync, so the call can be graph-captured)."""
+    GPU's size and the block table's width (no host sync, so the call can be graph-captured).
+    ``q_blocks`` (from :func:`query_blocks`, on q's device): runs of consecutive query tokens of
+    one request, which then share their K/V tiles instead of each token re-reading its prefix
+    (prefill); None: one program per query token (decode)."""
     T, Hq, D = q.shape
     _check_cache(cache, D)
     Hkv = cache.shape[1]
@@ -377,20 +415,25 @@ def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
         return out
     block_size = cache.shape[2]
     max_context = block_tables.shape[1] * block_size
-    splits = splits or _num_splits(T, Hkv, max_context, q.device)
-    chunk = triton.cdiv(triton.cdiv(max_context, splits), _BLOCK_N) * _BLOCK_N
     group = Hq // Hkv
+    programs = T if q_blocks is None else q_blocks.shape[0]
+    splits = splits or _num_splits(programs, Hkv, max_context, q.device)
+    chunk = triton.cdiv(triton.cdiv(max_context, splits), _BLOCK_N) * _BLOCK_N
     if splits > 1:
         part = torch.empty(T, Hq, splits, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(T, Hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out  # unused
     bt = block_tables.to(torch.int32).contiguous()
-    _kv4_attention_kernel[(T, Hkv, splits)](
-        q, cache, _float32_view(cache), bt, seq_idx.to(torch.int32), positions.to(torch.int32), out, part, ml,
+    if q_blocks is None:  # one token per program: pad its query group to the 16 rows of a dot
+        qb, block_m, group_p = seq_idx, 1, max(16, triton.next_power_of_2(group))
+    else:
+        qb, block_m, group_p = q_blocks.to(torch.int32), _block_m(group), triton.next_power_of_2(group)
+    _kv4_attention_kernel[(programs, Hkv, splits)](
+        q, cache, _float32_view(cache), bt, seq_idx.to(torch.int32), positions.to(torch.int32), qb, out, part, ml,
         q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
-        float(softmax_scale), chunk, H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group,
-        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
+        float(softmax_scale), chunk, H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group, GROUP_P=group_p,
+        BLOCK_M=block_m, BLOCKED=q_blocks is not None, D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
     if splits > 1:
         _kv4_combine_kernel[(T, Hq)](part, ml, out, out.stride(0), out.stride(1), H_Q=Hq, SPLITS=splits,
                                      SPLITS_P=triton.next_power_of_2(splits), D=D)

@@ -23,7 +23,7 @@ override). On CUDA it registers :class:`RotqKV4Backend` as the CUSTOM backend
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,15 @@ class KV4Metadata:
     slot_mapping: torch.Tensor  # [num_actual_tokens]
     seq_idx: torch.Tensor  # [num_actual_tokens]: the request of each query token
     positions: torch.Tensor  # [num_actual_tokens]: its position in the sequence
+    _runs: dict = field(default_factory=dict)  # query group size -> kv4.query_blocks on the device
+
+    def query_blocks(self, group: int, device) -> torch.Tensor | None:
+        """The step's runs of prefill tokens for the Triton kernel (built once per step, shared
+        by the layers); None for a decode-only step."""
+        if group not in self._runs:
+            runs = kv4.query_blocks(self.query_start_loc_cpu, group)
+            self._runs[group] = None if runs is None else runs.to(device)
+        return self._runs[group]
 
 
 def build_kv4_metadata(common: CommonAttentionMetadata) -> KV4Metadata:
@@ -145,7 +154,8 @@ def kv4_forward(layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: KV4Met
         q = apply_hadamard(q)
     out = output[:T].view(T, q.shape[1], q.shape[2])
     if kv_cache.is_cuda if triton is None else triton:
-        kv4.kv4_attention(q.contiguous(), kv_cache, meta.block_table, meta.seq_idx, meta.positions, scale, out=out)
+        kv4.kv4_attention(q.contiguous(), kv_cache, meta.block_table, meta.seq_idx, meta.positions, scale, out=out,
+                          q_blocks=meta.query_blocks(q.shape[1] // kv_cache.shape[1], q.device))
         return output
     D = q.shape[-1]
     for r in range(meta.seq_lens_cpu.shape[0]):

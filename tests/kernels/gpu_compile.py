@@ -82,12 +82,13 @@ def cases():
                    {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32",
                     "slot_ptr": "*i64", "clip": "fp32", **KV_INTS},
                    {"H": 8, "BLOCK_SIZE": 16, "D": d, "SYMMETRIC": symmetric}, kv4.EXACT_FLOAT)
-        for splits in (1, 8):
-            yield (f"kv4_attention D {d} splits {splits}", kv4._kv4_attention_kernel,
+        for splits, blocked in ((1, False), (8, False), (1, True), (8, True)):
+            yield (f"kv4_attention D {d} splits {splits} blocked {blocked}", kv4._kv4_attention_kernel,
                    {"q_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "seq_ptr": "*i32",
-                    "pos_ptr": "*i32", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
+                    "pos_ptr": "*i32", "qb_ptr": "*i32", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
                     "softmax_scale": "fp32", "chunk": "i32", **KV_INTS},
-                   {"H_KV": 8, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_P": 16, "D": d, "BLOCK_N": 32,
+                   {"H_KV": 8, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_P": 4 if blocked else 16,
+                    "BLOCK_M": kv4._block_m(4) if blocked else 1, "BLOCKED": blocked, "D": d, "BLOCK_N": 32,
                     "SPLITS": splits}, {})
         yield (f"kv4 combine D {d}", kv4._kv4_combine_kernel,
                {"part_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "stride_ot": "i32", "stride_oh": "i32"},

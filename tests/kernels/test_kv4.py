@@ -12,6 +12,7 @@ from rotq.kernels.kv4 import (
     kv4_attention,
     kv4_attention_reference,
     kv_quant_store,
+    query_blocks,
     kv_store_reference,
     new_cache,
     row_bytes,
@@ -80,8 +81,11 @@ def test_store_equals_the_calibration_quantizer(T, H, D, symmetric):
     ([37, 5, 20], 6, 3, 64, 1, 3, 6),       # split context: chunks of 32, the third past every sequence
     ([301, 77], 8, 2, 64, 3, 5, 40),        # split long context, a chunk of 3 queries per sequence
     ([45], 12, 12, 64, 2, 2, 6),            # no GQA (group 1, padded to 16 rows)
+    ([90, 40], 4, 2, 64, 40, None, 12),     # prefill chunks of 40: runs of 32 + 8 tokens (group 2)
+    ([50], 12, 1, 64, 20, 2, 7),            # group 12: runs of 4 tokens × 16 rows, split context
 ])
-def test_attention_matches_float64(lens, Hq, Hkv, D, chunk, splits, max_blocks):
+@pytest.mark.parametrize("blocked", [False, True], ids=["per-token", "runs"])
+def test_attention_matches_float64(lens, Hq, Hkv, D, chunk, splits, max_blocks, blocked):
     g = torch.Generator().manual_seed(sum(lens) + Hq + D)
     block_size = 8
     num_blocks = len(lens) * max_blocks
@@ -100,10 +104,21 @@ def test_attention_matches_float64(lens, Hq, Hkv, D, chunk, splits, max_blocks):
     q = torch.stack(qs)
     seq_idx, positions = torch.tensor(seq_idx), torch.tensor(positions)
     scale = D ** -0.5
+    # runs: the query tokens of each sequence share their K/V tiles (as vLLM's query_start_loc gives them)
+    starts = torch.tensor([0] + [min(chunk, n) for n in lens]).cumsum(0)
+    blocks = query_blocks(starts, Hq // Hkv) if blocked else None
     out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq_idx.to(DEVICE), positions.to(DEVICE), scale,
-                        splits=splits)
+                        splits=splits, q_blocks=None if blocks is None else blocks.to(DEVICE))
     ref = kv4_attention_reference(q, cache.cpu(), tables, seq_idx, positions, scale)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_query_blocks_split_each_request_into_runs():
+    from rotq.kernels.kv4 import _block_m
+    assert query_blocks(torch.tensor([0, 1, 2, 3]), 4) is None  # decode only: one program per token
+    step = _block_m(4)
+    blocks = query_blocks(torch.tensor([0, 1, 1 + 2 * step + 3]), 4).tolist()
+    assert blocks == [[0, 1], [1, step], [1 + step, step], [1 + 2 * step, 3]]  # the empty request: no run
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
