@@ -34,7 +34,7 @@ def _files(out) -> dict[str, bytes]:
 def _comparable_report(raw: bytes) -> dict:
     report = json.loads(raw)
     report["provenance"]["options"].pop("offload")
-    for r in report["linears"]:
+    for r in report["linears"] + report["refine"]:
         r.pop("seconds")
     return {k: v for k, v in report.items() if k not in ("seconds", "peak_rss_mb")}
 
@@ -54,6 +54,8 @@ def _sharded_copy(model_dir, dest):
     ("qwen3", True, True, ["--scheme", "w4a16", "--method", "gptq"]),  # q_norm/k_norm, odd sizes, shards
     ("qwen2", False, False, ["--scheme", "w4a16", "--method", "rtn", "--rotation", "none",
                              "--format", "compressed-tensors"]),
+    ("llama", True, False, ["--method", "gptq", "--rotation", "hadamard", "--a-clip", "0.9", "--refine", "sde",
+                            "--refine-steps", "3"]),  # refinement on streamed layers
 ])
 def test_offload_writes_the_in_memory_checkpoint(tiny_model_dir, text_file, tmp_path, monkeypatch,
                                                  arch, nonpow2, sharded, extra):
