@@ -425,12 +425,13 @@ def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
     else:
         part = ml = out  # unused
     bt = block_tables.to(torch.int32).contiguous()
+    seq32 = seq_idx.to(torch.int32)
     if q_blocks is None:  # one token per program: pad its query group to the 16 rows of a dot
-        qb, block_m, group_p = seq_idx, 1, max(16, triton.next_power_of_2(group))
+        qb, block_m, group_p = seq32, 1, max(16, triton.next_power_of_2(group))
     else:
         qb, block_m, group_p = q_blocks.to(torch.int32), _block_m(group), triton.next_power_of_2(group)
     _kv4_attention_kernel[(programs, Hkv, splits)](
-        q, cache, _float32_view(cache), bt, seq_idx.to(torch.int32), positions.to(torch.int32), qb, out, part, ml,
+        q, cache, _float32_view(cache), bt, seq32, positions.to(torch.int32), qb, out, part, ml,
         q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
         float(softmax_scale), chunk, H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group, GROUP_P=group_p,
         BLOCK_M=block_m, BLOCKED=q_blocks is not None, D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)

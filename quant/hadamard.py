@@ -162,6 +162,21 @@ def _sylvester_factor(d: int) -> torch.Tensor:
     return factor
 
 
+_PLACED: dict[tuple, torch.Tensor] = {}
+
+
+def _placed(factor: torch.Tensor, key: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``factor`` (the float64 original of cache entry ``key``) on ``device`` in ``dtype``, kept
+    after the first use so that a GPU does not receive (and wait for) a host copy on every call;
+    under torch.compile the conversion is left to the trace."""
+    if torch.compiler.is_compiling():
+        return factor.to(device=device, dtype=dtype)
+    placed = _PLACED.get((key, device, dtype))
+    if placed is None:
+        placed = _PLACED[(key, device, dtype)] = factor.to(device=device, dtype=dtype)
+    return placed
+
+
 def _chunks(p: int) -> list[int]:
     """p = 2^m as a product of powers of two of at most _SYLVESTER_CHUNK, largest first."""
     dims = []
@@ -180,7 +195,7 @@ def _sylvester_apply(x: torch.Tensor) -> torch.Tensor:
     dims = _chunks(p)
     y = x.reshape(*lead, *dims)
     for axis in range(len(dims)):
-        h = _sylvester_factor(dims[axis]).to(device=x.device, dtype=x.dtype)
+        h = _placed(_sylvester_factor(dims[axis]), -dims[axis], x.device, x.dtype)
         if axis == len(dims) - 1:
             y = y @ h
         else:
@@ -207,6 +222,6 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _sylvester_apply(x.reshape(*lead, width // n, k, p))
     if k > 1:
-        a = _base(k).to(device=x.device, dtype=x.dtype)
+        a = _placed(_base(k), k, x.device, x.dtype)
         y = torch.einsum("...ib,ia->...ab", y, a)
     return (y * (1.0 / math.sqrt(n))).reshape(*lead, width)

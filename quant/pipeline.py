@@ -232,8 +232,8 @@ class _Checkpoint:
     def save(self, i: int, layer: nn.Module, inps=None, fp_inps=None) -> None:
         if self.state is None:
             return
-        prefix = f"model.layers.{i}."
-        weights = {k: w for k, w in self.result.weights.items() if k.startswith(prefix)}
+        prefix = f"model.layers.{i}."  # keys first: under --offload reading a value loads its layer's file
+        weights = {k: self.result.weights[k] for k in list(self.result.weights) if k.startswith(prefix)}
         report = {"seconds": time.perf_counter() - self.clock,
                   "linears": [asdict(r) for r in self.result.report.linears],
                   "refine": [asdict(r) for r in self.result.report.refine]}

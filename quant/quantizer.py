@@ -101,11 +101,14 @@ def fit_weight_grid(W: torch.Tensor, args: WeightArgs) -> Grid:
 
 def _clip_errors(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """sum |Q(w) - w|^2.4 of each row of W [R, C] on each candidate grid (column c of ``scale``
-    and ``zero`` [R, n]), as [R, n]. Computed a block of rows at a time in one reused buffer, so
-    the working set stays in cache across the candidates (4-5x faster on large weights than whole-
-    matrix passes), with the operations of Grid.fake_quantize, so the values are the same."""
+    and ``zero`` [R, n]), as [R, n]. On the CPU computed a block of rows at a time in one reused
+    buffer, so the working set stays in cache across the candidates (4-5x faster on large
+    weights than whole-matrix passes), with the operations of Grid.fake_quantize, so the values
+    are the same."""
     R, C = W.shape
-    rows = max(1, _CLIP_BLOCK // max(C, 1))
+    # blocks on the CPU (cache); the whole matrix at once on a GPU, where small blocks would be
+    # bound by kernel launches
+    rows = max(1, _CLIP_BLOCK // max(C, 1)) if W.device.type == "cpu" else max(R, 1)
     errors = torch.empty(R, scale.shape[1], dtype=W.dtype, device=W.device)
     buf = torch.empty(min(rows, R), C, dtype=W.dtype, device=W.device)
     half = 2 ** (bits - 1)

@@ -30,7 +30,8 @@ when the method keeps that trajectory, else on x̃):
 where G_k pushes through the next k decoder layers in full precision (cross-layer learning,
 ``cross_layer`` K; K' = K but fewer at the last layers; γ = ``cross_weight``). K = 0 is the
 plain block loss. AdamW on θ with a cosine learning rate, one calibration sequence per step in
-an order drawn from ``seed`` and the layer's index (so a resumed run repeats it exactly).
+an order drawn from ``seed`` and the layer's index (so a resumed run repeats it exactly on the
+CPU; CUDA's attention backward is not deterministic).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 
 from rotq.quant.arch import layer_linears
 from rotq.quant.errors import RotqError
-from rotq.quant.online import install_layer_ops
+from rotq.quant.online import ATTN_IMPLEMENTATION, install_layer_ops
 from rotq.quant.quantizer import check_group_size, fit_weight_grid
 from rotq.quant.scheme import Scheme, WeightArgs
 
@@ -196,6 +197,11 @@ def refine_layer(i: int, layer: nn.Module, fp_layer: nn.Module, ahead: list[nn.M
         block.requires_grad_(False)
     objective = RefinementObjective(layer, refinements, scheme.weights, ahead, targets, forward, opts.cross_weight)
     install_layer_ops(layer, scheme, ste=True)
+    # the KV quantizer and R3 live in rotq's attention function, which a model calibrated
+    # without quantizers (--no-calib-act-quant) may have switched off
+    config, attention = layer.self_attn.config, layer.self_attn.config._attn_implementation
+    if scheme.kv_cache is not None or scheme.rotation.r3:
+        config._attn_implementation = ATTN_IMPLEMENTATION
     try:
         with torch.enable_grad():
             loss_start = _full_loss(objective, inps, batch_size)
@@ -204,6 +210,7 @@ def refine_layer(i: int, layer: nn.Module, fp_layer: nn.Module, ahead: list[nn.M
             loss_end = _full_loss(objective, inps, batch_size)
     finally:
         install_layer_ops(layer, installed)
+        config._attn_implementation = attention
     with torch.no_grad():
         for name, lin in linears.items():
             if opts.steps:

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -187,11 +188,10 @@ class CalibrationState:
         if old is not None and old != self.manifest["activations"]:
             (self.directory / old).unlink()
 
-    def restore_layers(self, layers: list[nn.Module], linears: bool = True) -> list[dict[str, QuantizedWeight]]:
+    def restore_layers(self, layers: list[nn.Module], linears: bool = True) -> Iterator[dict[str, QuantizedWeight]]:
         """Load the completed layers into ``layers`` (all but the linears' weights when not
-        ``linears``) and torch's RNG state as it was after the last of them; returns each
-        layer's quantized weights by module name."""
-        restored = []
+        ``linears``), yielding each layer's quantized weights by module name as it is read (one
+        layer in memory at a time); torch's RNG state is left as it was after the last of them."""
         for i in range(self.layers_done):
             tensors, meta = self._load_tensors(_layer_file(i))
             layers[i].load_state_dict({k.removeprefix("state."): v for k, v in tensors.items()
@@ -200,9 +200,8 @@ class CalibrationState:
             for lin, G in json.loads(meta["group_sizes"]).items():
                 codes, scale, zero = (tensors.get(f"qweight.{lin}.{k}") for k in ("codes", "scale", "zero_point"))
                 weights[lin] = QuantizedWeight(codes.to(getattr(torch, dtypes[lin])), scale, zero, G)
-            restored.append(weights)
             torch.set_rng_state(tensors["rng"])
-        return restored
+            yield weights
 
     def load_activations(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(inps, fp_inps or None) feeding the first layer not done."""

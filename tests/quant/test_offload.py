@@ -119,6 +119,34 @@ def test_offloaded_weights_round_trip(tmp_path):
         assert f.get_tensor("model.layers.0.down.codes").dtype == torch.uint8
 
 
+def test_saving_the_state_reads_no_offloaded_layer(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """Saving the resume state after each layer must not read the layers already on disk (that
+    grew with the square of the depth); only export reads them back."""
+    from rotq.quant import pipeline
+
+    saving, reads = [], []
+    load, save = OffloadedWeights._load, pipeline._Checkpoint.save
+
+    def counting_load(self, path):
+        if saving:
+            reads.append(path.name)
+        return load(self, path)
+
+    def marked_save(self, *args, **kwargs):
+        saving.append(True)
+        try:
+            return save(self, *args, **kwargs)
+        finally:
+            saving.pop()
+
+    monkeypatch.setattr(OffloadedWeights, "_load", counting_load)
+    monkeypatch.setattr(pipeline._Checkpoint, "save", marked_save)
+    assert main(["quantize", str(tiny_model_dir("llama")), "-o", str(tmp_path / "out"), "--calib", str(text_file),
+                 "--nsamples", "4", "--seqlen", "32", "--scheme", "w4a16", "--method", "gptq",
+                 "--offload", str(tmp_path / "scratch")]) == 0
+    assert reads == []
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--rotation", "hadamard"], "--offload cannot fit --a-clip auto"),
     (["--a-clip", "0.9"], "--offload cannot learn SpinQuant rotations"),

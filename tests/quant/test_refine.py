@@ -1,12 +1,14 @@
 """Learned weight refinement (CQE+-style, quant/refine.py) on tiny random models and in float64."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from rotq.quant.arch import decoder_layers, layer_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.models import load_model
-from rotq.quant.online import install_layer_ops
+from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.pipeline import CalibrationConfig, _embed, _full_precision_copy, calibrate, prepare_model
 from rotq.quant.refine import (
     RefinementObjective, RefineOptions, SingularRefinement, refine_layer, relative_error,
@@ -117,6 +119,25 @@ def test_cross_layer_loss_with_k_zero_is_the_block_loss(tiny_llama):
     with torch.no_grad():
         a, b, c = plain(inps[:2], slice(0, 2)), zero_weight(inps[:2], slice(0, 2)), crossed(inps[:2], slice(0, 2))
     assert torch.equal(a, b) and c > a
+
+
+def test_refinement_quantizes_kv_even_when_calibration_does_not(tiny_llama, monkeypatch):
+    """--no-calib-act-quant leaves the model on plain SDPA; the objective still runs the scheme's
+    KV quantizer (rotq's attention function), and the model's attention is put back."""
+    from rotq.quant import online
+    from rotq.quant.pipeline import _without_quantizers
+    model, scheme, inps, forward = _layer_setup(tiny_llama, "w4a16kv4")
+    scheme = scheme.replace(rotation=dataclasses.replace(scheme.rotation, r3=False))  # no R3: SDPA suffices
+    plain = _without_quantizers(scheme)
+    install_online_ops(model, plain)
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+    quantize_kv = online.fake_quantize_kv
+    monkeypatch.setattr(online, "fake_quantize_kv", lambda *a: calls.append(1) or quantize_kv(*a))
+    layer = decoder_layers(model)[0]
+    refine_layer(0, layer, _full_precision_copy(layer, scheme), [], inps, None, forward, scheme, plain,
+                 RefineOptions(kind="lsi", steps=1), batch_size=2, show_progress=False)
+    assert calls and model.config._attn_implementation == "sdpa" and layer.self_attn.rotq_kv is None
 
 
 def test_calibrate_with_refinement_is_deterministic_and_lowers_block_losses(tiny_model_dir):
