@@ -188,14 +188,17 @@ def _chunks(p: int) -> list[int]:
 
 
 def _sylvester_apply(x: torch.Tensor) -> torch.Tensor:
-    """x @ H_p (Sylvester, unnormalised) along the last dim. H_(ab) = H_a (x) H_b, so with x
-    viewed row-major as X[a, b] it is H_a^T X H_b: one small matmul per factor of at most 128,
-    which on a CPU is several times faster than a butterfly stage per bit."""
+    """x @ H_p (Sylvester, unnormalised) along the last dim, in float64. H_(ab) = H_a (x) H_b, so
+    with x viewed row-major as X[a, b] it is H_a^T X H_b: one small matmul per factor of at most
+    128, which on a CPU is 2-3x faster than a butterfly stage per bit. float64, because a BLAS
+    sums in an order that depends on the number of rows (one decode token against a whole
+    prompt): float64 sums of float32 values round to the same float32 whatever the order, so a
+    token's result does not depend on its batch, as serving needs (it must equal calibration)."""
     p, lead = x.shape[-1], x.shape[:-1]
     dims = _chunks(p)
-    y = x.reshape(*lead, *dims)
+    y = x.reshape(*lead, *dims).double()
     for axis in range(len(dims)):
-        h = _placed(_sylvester_factor(dims[axis]), -dims[axis], x.device, x.dtype)
+        h = _placed(_sylvester_factor(dims[axis]), -dims[axis], x.device, torch.float64)
         if axis == len(dims) - 1:
             y = y @ h
         else:
@@ -204,7 +207,8 @@ def _sylvester_apply(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """x @ (H_n / sqrt(n)) along the last dim, in x's dtype.
+    """x @ (H_n / sqrt(n)) along the last dim, computed in float64 and returned in x's dtype
+    (each row's result independent of the other rows).
 
     If n < width and divides it, the rotation is block-diagonal over consecutive blocks of
     size n (what each tensor-parallel shard can apply locally). With the length-n vector
@@ -222,6 +226,5 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _sylvester_apply(x.reshape(*lead, width // n, k, p))
     if k > 1:
-        a = _placed(_base(k), k, x.device, x.dtype)
-        y = torch.einsum("...ib,ia->...ab", y, a)
-    return (y * (1.0 / math.sqrt(n))).reshape(*lead, width)
+        y = torch.einsum("...ib,ia->...ab", y, _placed(_base(k), k, x.device, torch.float64))
+    return (y * (1.0 / math.sqrt(n))).reshape(*lead, width).to(x.dtype)

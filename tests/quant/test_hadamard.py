@@ -51,6 +51,17 @@ def test_fast_matches_dense(n, shape, dtype, atol):
     torch.testing.assert_close(out, dense, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("n,width", [(16, 16), (128, 128), (576, 576), (1536, 1536), (64, 256), (2 ** 15, 2 ** 15)])
+def test_a_row_does_not_depend_on_its_batch(n, width):
+    """Serving transforms one decode token at a time, calibration whole prompts: a row's result
+    must be the same bits either way (a float32 BLAS sums in a batch-dependent order)."""
+    x = torch.randn(9, width, generator=torch.Generator().manual_seed(n))
+    batch = apply_hadamard(x, n)
+    assert batch.dtype == torch.float32
+    assert torch.equal(torch.cat([apply_hadamard(x[i:i + 1], n) for i in range(9)]), batch)
+    assert torch.equal(apply_hadamard(x[2:7], n), batch[2:7])
+
+
 def test_block_diagonal():
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     block = torch.block_diag(*([hadamard_matrix(64) / 8] * 9))
