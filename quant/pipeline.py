@@ -367,15 +367,15 @@ def _solve_linear(name, lin: nn.Linear, H, D, cfg, scheme: Scheme) -> _Solved:
     t0 = time.perf_counter()
     W = lin.weight.data.float()
     to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
-    result = solve(cfg.method, W, to_w(H), scheme.weights, cfg.options, D=to_w(D), name=name)
+    Hs = to_w(H)
+    result = solve(cfg.method, W, Hs, scheme.weights, cfg.options, D=to_w(D), name=name)
     weight = QuantizedWeight(*(None if t is None else t.cpu() for t in (
         result.quantized.codes, result.quantized.scale, result.quantized.zero_point)),
         result.quantized.group_size)
     dW = W - result.Q
     w_err = float(dW.square().sum(dtype=torch.float64) / W.square().sum(dtype=torch.float64).clamp_min(1e-30))
     out_err = None
-    if H is not None:  # float32 products, float64 sums: the float64 products cost a third of a big solve
-        Hs = to_w(H)
+    if Hs is not None:  # float32 products, float64 sums: the float64 products cost a third of a big solve
         out_err = float((dW @ Hs * dW).sum(dtype=torch.float64)
                         / (W @ Hs * W).sum(dtype=torch.float64).clamp_min(1e-30))
     seconds = time.perf_counter() - t0
