@@ -339,7 +339,7 @@ def _quantize(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ra
     model_dir = resolve_model_dir(args.model)
     with _offload_scratch(o.offload, ranks) as scratch:
         return _calibrate_and_write(args, o, scheme, method, state_dir, ranks, device, learning, fit_clip,
-                                    text, model_dir, scratch)
+                                    refine, text, model_dir, scratch)
 
 
 def refine_options(o: QuantizeOptions):
@@ -379,7 +379,7 @@ def _offload_scratch(directory: str | None, ranks):
 
 
 def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ranks, device: str,
-                         learning, fit_clip: bool, text, model_dir: Path, scratch: Path | None) -> int:
+                         learning, fit_clip: bool, refine, text, model_dir: Path, scratch: Path | None) -> int:
     from rotq.quant.data import calibration_batches, tokenize_text
     from rotq.quant.gptq import GPTQOptions
     from rotq.quant.methods import MethodOptions
@@ -409,7 +409,7 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
         device=device, trajectory_dir=o.trajectory_dir,
-        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine_options(o), options=MethodOptions(
+        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,

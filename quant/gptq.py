@@ -158,14 +158,15 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, args: WeightArgs,
             w = W1[:, j]
             q = grids[g].fake_quantize(w.unsqueeze(1)).squeeze(1)
             Q[:, i1 + j] = q
-            losses += (w - q) ** 2 / U1[j, j] ** 2 / 2
-            if correction is None:
-                e = (w - q) / U1[j, j]
-                W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+            if correction is None:  # the lean path: e = (w - q) / U_jj; W1[:, j:] -= e U[j, j:]
+                e = torch.sub(w, q).div_(U1[j, j])
+                W1[:, j:].addr_(e, U1[j, j:], alpha=-1)
             else:
+                losses += (w - q) ** 2 / U1[j, j] ** 2 / 2
                 e = _corrected_step(correction, W1, w, q, U1, i1, j)
             E[:, j] = e
         if correction is None:
+            losses += E.square().sum(dim=1) / 2  # (w - q)^2 / U_jj^2 / 2 summed over the block
             W[:, i2:] -= E @ U[i1:i2, i2:]
         else:
             W1 = _clamp_to_grids(W1, grids, original[i1:i2], G) if correction.latent else W1

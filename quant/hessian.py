@@ -3,66 +3,61 @@
 H = 2/N_seq Σ x̃ x̃ᵀ from the inputs x̃ of the partially quantized model and, for methods that
 fit the full-precision trajectory (GPTAQ, QEP, ResComp), D = 2/N_seq Σ (x − x̃) x̃ᵀ with x the
 same linear's input in the full-precision model, token for token. Sums run over all tokens,
-the normalisation over sequences (as every GPTQ-family reference does); accumulated in float64.
-Under torchrun each rank sums its own samples and the sums are all-reduced (distributed.py).
+the normalisation over sequences (as every GPTQ-family reference does); each batch's product
+in float32, accumulated in float64. Under torchrun each rank sums its own samples and the sums
+are all-reduced (distributed.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
-from torch import nn
 
 from rotq.quant.distributed import SINGLE, Ranks
 
-
-class StopForward(Exception):
-    """Raised by a capture hook once it has its input, to skip the rest of the layer."""
+_GRAM_BLOCKS = 4
 
 
-class InputCapture:
-    """Forward pre-hook that keeps a linear's (already transformed) input and stops the layer."""
-
-    def __init__(self):
-        self.x: torch.Tensor | None = None
-
-    def __call__(self, module, inputs):
-        self.x = inputs[0]
-        raise StopForward
-
-
-def _input_of(layer: nn.Module, linear: str, batch: torch.Tensor, forward: dict) -> torch.Tensor:
-    capture = InputCapture()
-    handle = layer.get_submodule(linear).register_forward_pre_hook(capture)
-    try:
-        layer(batch, **forward)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    if capture.x is None:
-        raise RuntimeError(f"{linear} was not reached by the layer's forward")
-    return capture.x.reshape(-1, capture.x.shape[-1]).float()
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx [K, K] for x [T, K], exactly symmetric: only the blocks on and above the diagonal are
+    multiplied (a quarter to a third less work than the full product for large K)."""
+    K = x.shape[1]
+    if K < 256:
+        return x.T @ x
+    out = x.new_empty(K, K)
+    step = -(-K // _GRAM_BLOCKS)
+    for i in range(0, K, step):
+        block = x[:, i:i + step].T @ x[:, i:]
+        out[i:i + step, i:] = block
+        out[i + step:, i:i + step] = block[:, step:].T
+    return out
 
 
 @torch.no_grad()
-def group_statistics(layer: nn.Module, linear: str, inps: torch.Tensor, forward: dict,
-                     batch_size: int, fp_layer: nn.Module | None = None,
-                     fp_inps: torch.Tensor | None = None,
+def group_statistics(inputs: Iterable[torch.Tensor], n_sequences: int,
+                     fp_inputs: Iterable[torch.Tensor] | None = None,
                      ranks: Ranks = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """H (and D when ``fp_layer`` is given) of the input of ``linear`` in ``layer`` over the
-    calibration inputs ``inps`` [N, L, d] (and their full-precision twins ``fp_inps``): this
-    rank's shard of them, summed over ``ranks``."""
-    K = layer.get_submodule(linear).in_features
-    H = torch.zeros(K, K, dtype=torch.float64)
-    D = None if fp_layer is None else torch.zeros(K, K, dtype=torch.float64)
-    for start in range(0, inps.shape[0], batch_size):
-        xq = _input_of(layer, linear, inps[start:start + batch_size], forward)
-        H += (xq.T @ xq).to("cpu", torch.float64)
+    """H (and D when ``fp_inputs`` is given) from one linear group's transformed inputs x̃,
+    batch by batch [tokens, K] (staged.StagedLayer.group_inputs), and the full-precision
+    model's inputs x to the same linears for the same tokens; ``n_sequences``: this rank's
+    number of calibration sequences. Summed over ``ranks``."""
+    H = D = None
+    fp_iter = iter(fp_inputs) if fp_inputs is not None else None
+    for xq in inputs:
+        xq = xq.float()
+        if H is None:
+            K = xq.shape[1]
+            H = torch.zeros(K, K, dtype=torch.float64)
+            D = None if fp_iter is None else torch.zeros(K, K, dtype=torch.float64)
+        H += gram(xq).to("cpu", torch.float64)
         if D is not None:
-            x = _input_of(fp_layer, linear, fp_inps[start:start + batch_size], forward)
+            x = next(fp_iter).float()
             D += ((x - xq).T @ xq).to("cpu", torch.float64)
+    if H is None:
+        raise ValueError("no calibration inputs for this rank")
     ranks.sum_(H)
     if D is not None:
         ranks.sum_(D)
-    scale = 2.0 / ranks.sum(inps.shape[0])[0]
+    scale = 2.0 / ranks.sum(n_sequences)[0]
     return H * scale, None if D is None else D * scale

@@ -2,8 +2,9 @@
 
 Fuse norms and fold rotations, install the online ops (activation and KV quantizers, R3, R4),
 then for each decoder layer and each group of linears that share an input ("true sequential"):
-run the layer on the calibration inputs up to that group, accumulate H from the group's
-(rotated, fake-quantized) input, solve each linear and write back its quantized weight. The
+run the layer on the calibration inputs up to that group (staged.py: each part of the layer
+once), accumulate H from the group's (rotated, fake-quantized) input, solve each linear and
+write back its quantized weight. The
 quantized layer's outputs become the next layer's inputs, so H carries all earlier error.
 Methods that fit the full-precision trajectory (GPTAQ, QEP, ResComp) also run a full-precision
 copy of each layer on the full-precision inputs in lockstep, batch by batch, and accumulate
@@ -46,6 +47,7 @@ from rotq.quant.refine import RefineOptions, RefineReport, check_refine, refine_
 from rotq.quant.rotation import (RotationMatrices, apply_rotations, fuse_layer_norms, fuse_norms, rotate_layer,
                                  rotation_matrices)
 from rotq.quant.scheme import Scheme
+from rotq.quant.staged import StagedLayer
 
 if TYPE_CHECKING:
     from rotq.quant.offload import Offload
@@ -282,15 +284,20 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
                                               cfg.refine, cfg.batch_size, ranks.is_main))
             logger.info("layer %d refined (%s): loss %.4g -> %.4g, %.1fs", i, cfg.refine.kind,
                         report.refine[-1].loss_start, report.refine[-1].loss_end, report.refine[-1].seconds)
-        for group in LINEAR_GROUPS:
+            del ahead
+            if not fp_trajectory:  # only the refinement needed it: free it before the solves
+                fp_layer = None
+        staged = StagedLayer(layer, inps, forward, cfg.batch_size)
+        fp_staged = StagedLayer(fp_layer, fp_inps, forward, cfg.batch_size) if fp_trajectory else None
+        for g, group in enumerate(LINEAR_GROUPS):
             H = D = None
             if plan.needs_data:
-                H, D = group_statistics(layer, group[0], inps, forward, cfg.batch_size,
-                                        fp_layer if fp_trajectory else None, fp_inps, ranks)
+                H, D = group_statistics(staged.group_inputs(g), inps.shape[0],
+                                        fp_staged.group_inputs(g) if fp_staged else None, ranks)
             _solve_group(i, group, layer, H, D, cfg, result, ranks)
-        _propagate(layer, inps, forward, cfg.batch_size)
-        if fp_trajectory:
-            _propagate(fp_layer, fp_inps, forward, cfg.batch_size)
+        staged.propagate()
+        if fp_staged:
+            fp_staged.propagate()
         layer.to("cpu")
         checkpoint.save(i, layer, inps, fp_inps)
         stream.leave(i, layer)
@@ -323,20 +330,9 @@ def _trajectory_buffer(inps: torch.Tensor, directory: str | None) -> torch.Tenso
     return buf.copy_(inps)
 
 
-@torch.no_grad()
-def _propagate(layer, inps, forward, batch_size) -> None:
-    """inps <- layer(inps), in place: each batch depends only on itself."""
-    for batch in inps.split(batch_size):
-        batch.copy_(_hidden(layer(batch, **forward)))
-
-
 def _embed(model, calib_ids, batch_size, device) -> torch.Tensor:
     emb = model.model.embed_tokens
     return torch.cat([emb(b).to(device) for b in calib_ids.split(batch_size)])
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _solve_group(i: int, group, layer: nn.Module, H, D, cfg, qmodel: QuantizedModel, ranks: Ranks) -> None:

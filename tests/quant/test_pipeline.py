@@ -82,6 +82,7 @@ def test_fp_trajectory_statistics_by_hand(tiny_model_dir):
     from rotq.quant.hessian import group_statistics
     from rotq.quant.online import install_layer_ops
     from rotq.quant.quantizer import fake_quantize_activation
+    from rotq.quant.staged import StagedLayer
     import copy
 
     model, _ = load_model(str(tiny_model_dir("llama")))
@@ -95,7 +96,8 @@ def test_fp_trajectory_statistics_by_hand(tiny_model_dir):
         pos = torch.arange(19).unsqueeze(0)
         forward = dict(position_ids=pos, position_embeddings=model.model.rotary_emb(inps, pos),
                        attention_mask=None, use_cache=False)
-        H, D = group_statistics(layer, "self_attn.q_proj", inps, forward, 2, fp_layer, inps.clone())
+        H, D = group_statistics(StagedLayer(layer, inps, forward, 2).group_inputs(0), 5,
+                                StagedLayer(fp_layer, inps.clone(), forward, 2).group_inputs(0))
         x = layer.input_layernorm(inps).reshape(-1, inps.shape[-1]).double()
     xq = fake_quantize_activation(x.float(), scheme.activations).double()
     torch.testing.assert_close(H, 2 * xq.T @ xq / 5, rtol=1e-4, atol=1e-5)

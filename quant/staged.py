@@ -1,0 +1,128 @@
+"""A decoder layer run over the calibration inputs in the stages of true-sequential calibration,
+each part computed once.
+
+Calibration needs the (transformed) input of each group of linears of arch.LINEAR_GROUPS
+after the groups before it are quantized, then the layer's output. Running the whole layer up
+to each group and again for the output computes the attention four times and the q/k/v
+projections three times. Every Llama-family decoder layer computes
+
+    mid = h + o_proj(attention(input_layernorm(h))),    out = mid + mlp(post_attention_layernorm(mid)),
+
+so this keeps o_proj's input Ã (captured when o_proj's statistics are collected, after q/k/v
+are quantized) and the residual ``mid`` (computed from Ã once o_proj is quantized), and starts
+the MLP's groups and the output from ``mid``: the attention runs once per layer. The memory cost
+is one extra copy of the calibration hidden states (Ã, then ``mid`` in its place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rotq.quant.arch import LINEAR_GROUPS
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once it has its input, to skip the rest of the module."""
+
+
+class _InputCapture:
+    """Forward pre-hook that keeps a linear's input, after the pre-hooks registered before it
+    (the online Hadamard and activation quantizer), and stops the module's forward."""
+
+    def __init__(self):
+        self.x: torch.Tensor | None = None
+
+    def __call__(self, module, inputs):
+        self.x = inputs[0]
+        raise StopForward
+
+
+def input_of(module: nn.Module, linear: str, *args, **kwargs) -> torch.Tensor:
+    """The input [tokens, in_features] that ``module(*args, **kwargs)`` gives its submodule
+    ``linear``, as the linear sees it (transformed); the rest of the forward is skipped."""
+    capture = _InputCapture()
+    handle = module.get_submodule(linear).register_forward_pre_hook(capture)
+    try:
+        module(*args, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if capture.x is None:
+        raise RuntimeError(f"{linear} was not reached by the forward of {type(module).__name__}")
+    return capture.x.reshape(-1, capture.x.shape[-1])
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class StagedLayer:
+    """``layer`` over ``inps`` [N, L, d] in batches of ``batch_size`` sequences. Call
+    :meth:`group_inputs` for the groups in LINEAR_GROUPS order, quantizing each group's
+    linears before asking for the next, then :meth:`propagate` (which works without the
+    stages too: then it runs the whole layer)."""
+
+    def __init__(self, layer: nn.Module, inps: torch.Tensor, forward: dict, batch_size: int):
+        self.layer, self.inps, self.forward, self.batch_size = layer, inps, forward, batch_size
+        self._next = 0  # the next group index
+        self._attn: torch.Tensor | None = None  # Ã [N, L, d_attn], transformed o_proj input
+        self._mid: torch.Tensor | None = None  # h + o_proj(Ã) [N, L, d]
+
+    def _batches(self) -> Iterator[slice]:
+        for start in range(0, self.inps.shape[0], self.batch_size):
+            yield slice(start, start + self.batch_size)
+
+    def group_inputs(self, group: int) -> Iterator[torch.Tensor]:
+        """The transformed input [tokens, K] of LINEAR_GROUPS[group]'s linears, batch by batch."""
+        if group != self._next:
+            raise RuntimeError(f"linear group {group} asked for before group {self._next}")
+        self._next += 1
+        return getattr(self, f"_stage_{group}")()
+
+    def _stage_0(self):  # q/k/v: input_layernorm(h)
+        for b in self._batches():
+            yield input_of(self.layer, LINEAR_GROUPS[0][0], self.inps[b], **self.forward)
+
+    def _stage_1(self):  # o_proj: the attention, with q/k/v quantized; its output Ã is kept
+        for b in self._batches():
+            a = input_of(self.layer, LINEAR_GROUPS[1][0], self.inps[b], **self.forward)
+            if self._attn is None:
+                self._attn = self.inps.new_empty(*self.inps.shape[:2], a.shape[-1])
+            self._attn[b].view_as(a).copy_(a)
+            yield a
+
+    def _stage_2(self):  # gate/up: post_attention_layernorm(mid), mid from Ã with o_proj quantized
+        o_proj = self.layer.get_submodule(LINEAR_GROUPS[1][0])
+        same_shape = self._attn.shape == self.inps.shape
+        self._mid = self._attn if same_shape else torch.empty_like(self.inps)
+        for b in self._batches():
+            h = self.inps[b]
+            mid = h + F.linear(self._attn[b], o_proj.weight, o_proj.bias)
+            self._mid[b].copy_(mid)
+            yield input_of(self.layer.mlp, LINEAR_GROUPS[2][0].removeprefix("mlp."),
+                           self.layer.post_attention_layernorm(mid))
+        self._attn = None
+
+    def _stage_3(self):  # down_proj: the MLP's inner activation, with gate/up quantized
+        for b in self._batches():
+            yield input_of(self.layer.mlp, LINEAR_GROUPS[3][0].removeprefix("mlp."),
+                           self.layer.post_attention_layernorm(self._mid[b]))
+
+    @torch.no_grad()
+    def propagate(self) -> None:
+        """inps <- layer(inps), in place (each batch depends only on itself)."""
+        if self._next not in (0, len(LINEAR_GROUPS)):
+            raise RuntimeError(f"the layer's output asked for after {self._next} of its linear groups")
+        for b in self._batches():
+            h = self.inps[b]
+            if self._mid is None:
+                h.copy_(_hidden(self.layer(h, **self.forward)))
+            else:
+                mid = self._mid[b]
+                h.copy_(mid + self.layer.mlp(self.layer.post_attention_layernorm(mid)))
+        self._mid = None
