@@ -42,7 +42,7 @@ from rotq.quant.errors import RotqError
 from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
-from rotq.quant.quantizer import QuantizedWeight
+from rotq.quant.quantizer import QuantizedWeight, compact_codes
 from rotq.quant.refine import RefineOptions, RefineReport, check_refine, refine_layer
 from rotq.quant.rotation import (RotationMatrices, apply_rotations, fuse_layer_norms, fuse_norms, rotate_layer,
                                  rotation_matrices)
@@ -345,7 +345,7 @@ def _solve_group(i: int, group, layer: nn.Module, H, D, cfg, qmodel: QuantizedMo
     for j, name in enumerate(group):
         solved = ranks.broadcast(mine.get(name), ranks.owner(first + j))
         lin = linears[name]
-        lin.weight.data = solved.Q.to(lin.weight.device, lin.weight.dtype)
+        lin.weight.data.copy_(solved.Q)  # in place: see rotation._set
         qmodel.weights[solved.report.name] = solved.weight
         qmodel.report.linears.append(solved.report)
 
@@ -365,9 +365,9 @@ def _solve_linear(name, lin: nn.Linear, H, D, cfg, scheme: Scheme) -> _Solved:
     to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
     Hs = to_w(H)
     result = solve(cfg.method, W, Hs, scheme.weights, cfg.options, D=to_w(D), name=name)
-    weight = QuantizedWeight(*(None if t is None else t.cpu() for t in (
-        result.quantized.codes, result.quantized.scale, result.quantized.zero_point)),
-        result.quantized.group_size)
+    q = result.quantized  # codes kept in one byte each until export: a quarter of float32's memory
+    weight = QuantizedWeight(compact_codes(q.codes.cpu()), q.scale.cpu(),
+                             None if q.zero_point is None else q.zero_point.cpu(), q.group_size)
     dW = W - result.Q
     w_err = float(dW.square().sum(dtype=torch.float64) / W.square().sum(dtype=torch.float64).clamp_min(1e-30))
     out_err = None

@@ -214,7 +214,7 @@ def refine_layer(i: int, layer: nn.Module, fp_layer: nn.Module, ahead: list[nn.M
     with torch.no_grad():
         for name, lin in linears.items():
             if opts.steps:
-                lin.weight.data = (lin.weight.data.double() + refinements[name].delta().double()).to(lin.weight.dtype)
+                lin.weight.data.copy_(lin.weight.data.double() + refinements[name].delta().double())
     return RefineReport(i, loss_start, loss_end, time.perf_counter() - t0)
 
 

@@ -48,7 +48,13 @@ def hadamard_rotations(config, seed: int) -> RotationMatrices:
 
 
 def _set(param: nn.Parameter, value: torch.Tensor) -> None:
-    param.data = value.to(param.dtype)
+    """param <- value, in place when the shape allows: a weight still backed by the checkpoint's
+    memory-mapped file then turns into private memory page by page, instead of keeping the
+    file's pages resident beside a new copy (a model's size in peak RSS)."""
+    if param.shape == value.shape:
+        param.data.copy_(value)
+    else:
+        param.data = value.to(param.dtype)
 
 
 @torch.no_grad()
