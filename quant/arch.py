@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # Linears that share an input are solved together from one Hessian ("true sequential" order).
@@ -39,3 +40,10 @@ def attention_shape(config) -> AttentionShape:
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The seven quantized linears of a decoder layer, by their name inside the layer."""
     return {name: layer.get_submodule(name) for name in LINEAR_NAMES}
+
+
+def release_linears(layer: nn.Module) -> None:
+    """Return the layer's linear weights to the meta device, freeing their memory (their
+    integer form, or the checkpoint on disk, is what is used from then on)."""
+    for lin in layer_linears(layer).values():
+        lin.weight = nn.Parameter(torch.empty_like(lin.weight, device="meta"), requires_grad=False)

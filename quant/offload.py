@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rotq.quant.arch import decoder_layers, layer_linears
+from rotq.quant.arch import decoder_layers, layer_linears, release_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight, compact_codes
 
@@ -65,8 +65,7 @@ class LayerSource:
     @staticmethod
     def release(layer: nn.Module) -> None:
         """Return the layer's linear weights to the meta device, freeing their memory."""
-        for lin in layer_linears(layer).values():
-            lin.weight = nn.Parameter(torch.empty_like(lin.weight, device="meta"), requires_grad=False)
+        release_linears(layer)
 
 
 def load_model_offloaded(model_dir: Path, dtype: torch.dtype = torch.float32):
