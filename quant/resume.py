@@ -42,13 +42,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from rotq.quant.arch import layer_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight, compact_codes
 from rotq.quant.rotation import RotationMatrices, load_rotations, save_rotations
+from rotq.quant.tensorfile import write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class CalibrationState:
 
     def _save_tensors(self, name: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        self._write(name, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        self._write(name, lambda tmp: write_safetensors(tmp, tensors, meta))
 
     def _load_tensors(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         try:

@@ -25,7 +25,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of Fr
 LINEARS_PER_LAYER = 7
 
 # Runs `rotq quantize` in a child process that stops at the n-th call of one function: "solve"
-# (pipeline._solve_linear: stops mid-layer) or "save" (resume.save_file: stops mid-write, after
+# (pipeline._solve_linear: stops mid-layer) or "save" (resume.write_safetensors: stops mid-write, after
 # half of the file's bytes reached the .tmp file). It then touches READY and waits for the
 # parent's SIGKILL.
 CHILD = r"""
@@ -49,19 +49,19 @@ def solve(*args, _solve=pipeline._solve_linear):
         stop()
     return _solve(*args)
 
-def save_file(tensors, filename, metadata=None, _save_file=resume.save_file):
+def write_safetensors(filename, tensors, metadata=None, _write=resume.write_safetensors):
     global calls
     calls += 1
     if calls == n:
         data = save(tensors, metadata=metadata)
         Path(filename).write_bytes(data[: len(data) // 2])
         stop()
-    return _save_file(tensors, filename, metadata=metadata)
+    return _write(filename, tensors, metadata)
 
 if where == "solve":
     pipeline._solve_linear = solve
 else:
-    resume.save_file = save_file
+    resume.write_safetensors = write_safetensors
 main(argv)
 raise SystemExit("the run finished before it was killed")
 """
@@ -209,7 +209,7 @@ def test_sigkill_while_writing_the_state_keeps_the_previous_one(tiny_model_dir, 
     extra = ["--method", "gptaq", "--trajectory-dir", str(tmp_path / "trajectory")]
     reference, out = tmp_path / "reference", tmp_path / "out"
     assert main(_args(model, reference, text_file, *extra)) == 0
-    # save_file calls: layer-00000, activations-00000, layer-00001, activations-00001
+    # write_safetensors calls: layer-00000, activations-00000, layer-00001, activations-00001
     _kill_run(tmp_path, "save", 4, _args(model, out, text_file, *extra))
     state = tmp_path / "out.partial"
     torn = state / "activations-00001.safetensors.tmp"
