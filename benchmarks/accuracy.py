@@ -36,7 +36,7 @@ ROW_SETS = {
     # issue 5: the compensators beside the foundation's rtn/gptq rows
     "compensators-w4a4kv4-hadamard": [
         ("w4a4kv4", "hadamard", m) for m in COMPENSATORS],
-    "compensators-w3a16": [("w3a16", "none", m) for m in COMPENSATORS],
+    "compensators-w3a16": [("w3a16", "none", m) for m in ("gptq", *COMPENSATORS)],
     # issue 5: the activation-error levers on top of the best compensator
     "levers-w4a4kv4": [("w4a4kv4", "hadamard", "qep+gptq", ("--a-clip", "auto")),
                        ("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--rotation-steps", "20"))],
