@@ -22,7 +22,9 @@ written back to disk after it, so memory stays flat in depth.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import os
 import resource
 import tempfile
@@ -66,8 +68,9 @@ class CalibrationConfig:
     batch_size: int = 8
     device: str = "cpu"
     # Methods that need the full-precision trajectory keep a second copy of the calibration
-    # hidden states (nsamples x seqlen x hidden); with a directory it lives in a memory-mapped
-    # file there (deleted at once, freed when calibration ends) instead of in RAM. CPU only.
+    # hidden states (nsamples x seqlen x hidden), and its layer's kept attention output
+    # (staged.py); with a directory both live in memory-mapped files there (deleted at once,
+    # freed when no longer used) instead of in RAM. CPU only.
     trajectory_dir: str | None = None
     # Fit the activation clip ratio on the calibration data before calibrating (act_clip.py);
     # None keeps the scheme's ratio.
@@ -288,7 +291,12 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
             if not fp_trajectory:  # only the refinement needed it: free it before the solves
                 fp_layer = None
         staged = StagedLayer(layer, inps, forward, cfg.batch_size)
-        fp_staged = StagedLayer(fp_layer, fp_inps, forward, cfg.batch_size) if fp_trajectory else None
+        fp_staged = None
+        if fp_trajectory:  # its kept attention output lives where the trajectory does
+            allocate = None
+            if cfg.trajectory_dir is not None:
+                allocate = functools.partial(_disk_buffer, dtype=fp_inps.dtype, directory=cfg.trajectory_dir)
+            fp_staged = StagedLayer(fp_layer, fp_inps, forward, cfg.batch_size, allocate)
         for g, group in enumerate(LINEAR_GROUPS):
             H = D = None
             if plan.needs_data:
@@ -319,15 +327,20 @@ def _trajectory_buffer(inps: torch.Tensor, directory: str | None) -> torch.Tenso
     if inps.device.type != "cpu":
         raise RotqError("the full-precision trajectory can live on disk only when calibrating on the CPU "
                         "(--device cpu); drop --trajectory-dir")
+    return _disk_buffer(tuple(inps.shape), inps.dtype, directory).copy_(inps)
+
+
+def _disk_buffer(shape: tuple[int, ...], dtype: torch.dtype, directory: str) -> torch.Tensor:
+    """An uninitialised CPU tensor in an unlinked memory-mapped file under ``directory``."""
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=directory, prefix="rotq-fp-trajectory-", suffix=".bin")
         os.close(fd)
-        buf = torch.from_file(name, shared=True, size=inps.numel(), dtype=inps.dtype).view_as(inps)
+        buf = torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         os.unlink(name)  # the mapping stays valid; the disk space is released with the tensor
     except OSError as e:
         raise RotqError(f"cannot keep the full-precision trajectory in {directory}: {e}") from None
-    return buf.copy_(inps)
+    return buf
 
 
 def _embed(model, calib_ids, batch_size, device) -> torch.Tensor:

@@ -16,7 +16,7 @@ is one extra copy of the calibration hidden states (Ã, then ``mid`` in its plac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,13 @@ class StagedLayer:
     """``layer`` over ``inps`` [N, L, d] in batches of ``batch_size`` sequences. Call
     :meth:`group_inputs` for the groups in LINEAR_GROUPS order, quantizing each group's
     linears before asking for the next, then :meth:`propagate` (which works without the
-    stages too: then it runs the whole layer)."""
+    stages too: then it runs the whole layer). ``allocate(shape)`` gives the buffer for the kept
+    attention output (default: ``inps.new_empty``; e.g. a memory-mapped file instead)."""
 
-    def __init__(self, layer: nn.Module, inps: torch.Tensor, forward: dict, batch_size: int):
+    def __init__(self, layer: nn.Module, inps: torch.Tensor, forward: dict, batch_size: int,
+                 allocate: Callable[[tuple[int, ...]], torch.Tensor] | None = None):
         self.layer, self.inps, self.forward, self.batch_size = layer, inps, forward, batch_size
+        self.allocate = allocate or (lambda shape: inps.new_empty(shape))
         self._next = 0  # the next group index
         self._attn: torch.Tensor | None = None  # Ã [N, L, d_attn], transformed o_proj input
         self._mid: torch.Tensor | None = None  # h + o_proj(Ã) [N, L, d]
@@ -92,14 +95,14 @@ class StagedLayer:
         for b in self._batches():
             a = input_of(self.layer, LINEAR_GROUPS[1][0], self.inps[b], **self.forward)
             if self._attn is None:
-                self._attn = self.inps.new_empty(*self.inps.shape[:2], a.shape[-1])
+                self._attn = self.allocate((*self.inps.shape[:2], a.shape[-1]))
             self._attn[b].view_as(a).copy_(a)
             yield a
 
     def _stage_2(self):  # gate/up: post_attention_layernorm(mid), mid from Ã with o_proj quantized
         o_proj = self.layer.get_submodule(LINEAR_GROUPS[1][0])
         same_shape = self._attn.shape == self.inps.shape
-        self._mid = self._attn if same_shape else torch.empty_like(self.inps)
+        self._mid = self._attn if same_shape else self.allocate(tuple(self.inps.shape))
         for b in self._batches():
             h = self.inps[b]
             mid = h + F.linear(self._attn[b], o_proj.weight, o_proj.bias)
