@@ -358,7 +358,9 @@ def _solve_group(i: int, group, layer: nn.Module, H, D, cfg, qmodel: QuantizedMo
     for j, name in enumerate(group):
         solved = ranks.broadcast(mine.get(name), ranks.owner(first + j))
         lin = linears[name]
-        lin.weight.data.copy_(solved.Q)  # in place: see rotation._set
+        # in place: a weight still backed by the checkpoint's memory-mapped file turns into private
+        # memory page by page, instead of keeping the file's pages resident beside a new copy
+        lin.weight.data.copy_(solved.Q)
         qmodel.weights[solved.report.name] = solved.weight
         qmodel.report.linears.append(solved.report)
 

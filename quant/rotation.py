@@ -9,6 +9,7 @@ learned by spinquant.py from those same Hadamards).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from torch import nn
 
 from rotq.quant.arch import attention_shape, decoder_layers
 from rotq.quant.errors import RotqError
-from rotq.quant.hadamard import hadamard_matrix, random_hadamard_matrix
+from rotq.quant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard_matrix
 from rotq.quant.scheme import RotationArgs
 
 ROTATIONS_FILE = "spinquant/rotations.safetensors"  # in a rotq checkpoint: R1 and R2.{layer}, float64
 ORTHOGONALITY_TOL = 1e-6  # max |R^T R - I| accepted from a rotation file
+_FOLD_BLOCK = 4096  # rows (or columns) of a weight folded at a time: small float64 temporaries
 
 
 @dataclass
@@ -47,14 +49,53 @@ def hadamard_rotations(config, seed: int) -> RotationMatrices:
                              for i in range(config.num_hidden_layers)])
 
 
-def _set(param: nn.Parameter, value: torch.Tensor) -> None:
-    """param <- value, in place when the shape allows: a weight still backed by the checkpoint's
-    memory-mapped file then turns into private memory page by page, instead of keeping the
-    file's pages resident beside a new copy (a model's size in peak RSS)."""
-    if param.shape == value.shape:
-        param.data.copy_(value)
-    else:
-        param.data = value.to(param.dtype)
+class _R1:
+    """R1 as it is folded: by the fast Hadamard transform (O(d log d) per row instead of a dense
+    d x d product) when it is a signed Hadamard, i.e. --rotation hadamard or SpinQuant before any
+    step; densely otherwise. Float64 in, float64 out."""
+
+    def __init__(self, R1: torch.Tensor):
+        self.R1 = R1.detach().double()
+        self.signs = _hadamard_signs(self.R1)
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """x R1 for rows x [r, d]."""
+        if self.signs is not None:
+            return apply_hadamard(x * self.signs.to(x.device))
+        return x @ self.R1.to(x.device)
+
+    def left_t(self, x: torch.Tensor) -> torch.Tensor:
+        """R1^T x for columns x [d, c]."""
+        if self.signs is not None:
+            return apply_hadamard((self.signs.to(x.device)[:, None] * x).T).T
+        return self.R1.to(x.device).T @ x
+
+
+def _hadamard_signs(R: torch.Tensor) -> torch.Tensor | None:
+    """s with R == diag(s) H / sqrt(n) bit for bit (as random_hadamard_matrix builds it), else None."""
+    n = R.shape[0]
+    try:
+        H = hadamard_matrix(n).to(R.device)
+    except ValueError:  # no Hadamard matrix of this size: R is not one
+        return None
+    s = torch.sign(R[:, 0] * H[:, 0])
+    return s if torch.equal(R, s[:, None] * H / math.sqrt(n)) else None
+
+
+def _fold_rows(param: nn.Parameter, f) -> None:
+    """param <- f(param) in place, for an f that maps each row on its own (float64 blocks of rows).
+    In place, so a weight still backed by the checkpoint's memory-mapped file turns into private
+    memory page by page rather than keeping the file's pages resident beside a new copy."""
+    W = param.data if param.dim() > 1 else param.data.unsqueeze(0)
+    for start in range(0, W.shape[0], _FOLD_BLOCK):
+        W[start:start + _FOLD_BLOCK] = f(W[start:start + _FOLD_BLOCK].double())
+
+
+def _fold_columns(param: nn.Parameter, f) -> None:
+    """param <- f(param) in place, for an f that maps each column on its own."""
+    W = param.data
+    for start in range(0, W.shape[1], _FOLD_BLOCK):
+        W[:, start:start + _FOLD_BLOCK] = f(W[:, start:start + _FOLD_BLOCK].double())
 
 
 @torch.no_grad()
@@ -82,7 +123,7 @@ def fuse_layer_norms(layer: nn.Module) -> None:
 def _fuse(norm: nn.Module, linears) -> None:
     gamma = norm.weight.double()
     for lin in linears:
-        _set(lin.weight, lin.weight.double() * gamma)
+        _fold_rows(lin.weight, lambda w: w * gamma)
     norm.weight.data.fill_(1.0)
 
 
@@ -104,10 +145,9 @@ def apply_rotations(model: nn.Module, rot: RotationArgs, matrices: RotationMatri
     ``rot.seed``. ``layers=False`` leaves the decoder layers to :func:`rotate_layer`."""
     matrices = rotation_matrices(model.config, rot, matrices)
     if rot.r1:
-        R1 = matrices.R1.double()
-        emb = model.model.embed_tokens.weight
-        _set(emb, emb.double() @ R1)
-        _set(model.lm_head.weight, model.lm_head.weight.double() @ R1)
+        R1 = _R1(matrices.R1)
+        _fold_rows(model.model.embed_tokens.weight, R1.right)
+        _fold_rows(model.lm_head.weight, R1.right)
     if layers:
         for i, layer in enumerate(decoder_layers(model)):
             rotate_layer(layer, i, model.config, rot, matrices)
@@ -118,26 +158,27 @@ def rotate_layer(layer: nn.Module, i: int, config, rot: RotationArgs, matrices: 
     """Fold R1, layer i's R2 and R4's weight side into decoder layer i (norms already fused)."""
     attn, mlp = layer.self_attn, layer.mlp
     if rot.r1:
-        R1 = matrices.R1.double()
+        R1 = _R1(matrices.R1)
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _set(lin.weight, lin.weight.double() @ R1)
+            _fold_rows(lin.weight, R1.right)
         for lin in (attn.o_proj, mlp.down_proj):
-            _rotate_output(lin, R1)
+            _rotate_output(lin, R1.left_t, R1.right)
     if rot.r2:
         shape = attention_shape(config)
         R2 = matrices.R2[i].double()
-        _rotate_output(attn.v_proj, torch.block_diag(*[R2] * shape.num_kv_heads))
-        o = attn.o_proj.weight
-        _set(o, o.double() @ torch.block_diag(*[R2] * shape.num_heads))
-    if rot.r4:
-        n = mlp.down_proj.in_features
-        _set(mlp.down_proj.weight, mlp.down_proj.weight.double() @ (hadamard_matrix(n) / n**0.5))
+        V = torch.block_diag(*[R2] * shape.num_kv_heads)
+        _rotate_output(attn.v_proj, lambda x: V.T @ x, lambda x: x @ V)
+        O = torch.block_diag(*[R2] * shape.num_heads)
+        _fold_rows(attn.o_proj.weight, lambda x: x @ O)
+    if rot.r4:  # W H4 / sqrt(n), by the same fast transform the online side uses
+        _fold_rows(mlp.down_proj.weight, apply_hadamard)
 
 
-def _rotate_output(lin: nn.Linear, M: torch.Tensor) -> None:
-    _set(lin.weight, M.T @ lin.weight.double())
+def _rotate_output(lin: nn.Linear, left_t, right) -> None:
+    """An output rotated by M: W <- M^T W (``left_t``), b <- b M (``right``)."""
+    _fold_columns(lin.weight, left_t)
     if lin.bias is not None:
-        _set(lin.bias, lin.bias.double() @ M)
+        _fold_rows(lin.bias, right)
 
 
 def save_rotations(rotations: RotationMatrices, path: Path, metadata: dict[str, str] | None = None) -> None:

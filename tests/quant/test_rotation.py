@@ -60,3 +60,26 @@ def test_without_online_r4_the_model_differs(tiny_model_dir):
         remove_online_ops(model)
         out = model(ids).logits
     assert not torch.allclose(out, ref, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536, 28 * 8])
+def test_r1_fast_fold_equals_the_dense_product(n):
+    """A signed Hadamard R1 is folded by the fast transform: x R1 and R1^T x as the dense
+    float64 products, on awkward sizes; any other orthogonal R1 takes the dense path."""
+    from rotq.quant.hadamard import random_hadamard_matrix
+    from rotq.quant.rotation import _R1
+
+    g = torch.Generator().manual_seed(n)
+    R = random_hadamard_matrix(n, seed=n)
+    fold = _R1(R)
+    assert fold.signs is not None
+    x = torch.randn(37, n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fold.right(x), x @ R, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fold.left_t(x.T), R.T @ x.T, rtol=0, atol=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    R_off = R.clone()
+    R_off[0, 0] += 1e-15 if R_off[0, 0] > 0 else -1e-15  # one last bit off: no longer a Hadamard
+    for other in (Q, R_off):
+        dense = _R1(other)
+        assert dense.signs is None
+        torch.testing.assert_close(dense.right(x), x @ other, rtol=0, atol=1e-12)
