@@ -11,11 +11,13 @@ Calibration text is wikisum train only. Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,8 +50,17 @@ ROW_SETS = {
         for r in ("none", "lsi", "sde")] + [
         ("w4a4kv4", "hadamard", m, ("--a-clip", "0.9", "--refine", "sde", "--cross-layer", "1"))
         for m in ("gptq", "qep+gptq")],
-    "refine-w3a16": [("w3a16", "none", m, ("--refine", r)) for m in ("rtn", "gptq", "gptaq") for r in ("lsi", "sde")]
+    "refine-w3a16": [("w3a16", "none", m, ("--refine", r)) for m in ("rtn", "gptq", "gptaq")
+                     for r in ("none", "lsi", "sde")]
     + [("w3a16", "none", "gptq", ("--refine", "sde", "--cross-layer", "1"))],
+    # issue 5: both rotation columns of the W4A4KV4 ablation under one code and one machine, at
+    # the fixed clip ratio of the first hadamard column (0.9), so the methods alone differ
+    "compensators-w4a4kv4": [("w4a4kv4", rotation, m, ("--a-clip", "0.9"))
+                             for m in ("rtn", "gptq", *COMPENSATORS) for rotation in ("hadamard", "spinquant")],
+    # issue 5: the default W4A4KV4 pipeline (spinquant, clip fitted, qep+gptq) over calibration
+    # draws: the seed picks the calibration windows and the randomised Hadamards
+    "seeds-default": [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--seed", str(seed)))
+                      for seed in range(4)],
 }
 
 
@@ -58,10 +69,10 @@ def _rotq(*args: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def _ppl(model: str, data: str, windows: int, seqlen: int, tmp: Path) -> float:
+def _ppl(model: str, data: str, windows: int, seqlen: int, tmp: Path, device: str) -> float:
     out = tmp / "ppl.json"
     _rotq("eval", model, "--ppl", data, "--windows", str(windows), "--seqlen", str(seqlen),
-          "--json", str(out))
+          "--device", device, "--json", str(out))
     return json.loads(out.read_text())["ppl"]
 
 
@@ -74,7 +85,8 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
         t0 = time.perf_counter()
         _rotq("quantize", a.model, "-o", model, "--scheme", scheme, "--rotation", rotation,
               "--method", method, "--calib", "wikisum", "--nsamples", str(a.nsamples),
-              "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--report", str(report), *extra)
+              "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--device", a.device, "--report", str(report),
+              *extra)
         rep = json.loads(report.read_text())
         result = {"scheme": scheme, "rotation": rotation, "method": _label(method, extra),
                   "calib_seconds": rep["seconds"], "quantize_wall_seconds": time.perf_counter() - t0,
@@ -84,10 +96,10 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
         if rep.get("refine"):
             result["refine_seconds"] = sum(r["seconds"] for r in rep["refine"])
         result["layer_output_rel_err"] = layer_errors(rep["linears"])
-    result["wikitext2"] = _ppl(model, str(a.wikitext2), a.windows, 2048, tmp)
-    result["wikisum"] = _ppl(model, "wikisum", a.wikisum_windows, 2048, tmp)
+    result["wikitext2"] = _ppl(model, str(a.wikitext2), a.windows, 2048, tmp, a.device)
+    result["wikisum"] = _ppl(model, "wikisum", a.wikisum_windows, 2048, tmp, a.device)
     if a.train_ppl:  # the calibration text itself: a gap to the test columns is overfitting
-        result["wikisum_train"] = _ppl(model, "wikisum:train", a.wikisum_windows, 2048, tmp)
+        result["wikisum_train"] = _ppl(model, "wikisum:train", a.wikisum_windows, 2048, tmp, a.device)
     if row is not None:
         subprocess.run(["rm", "-rf", model], check=True)
     return result
@@ -149,6 +161,15 @@ def plot(json_files: list[Path], png: Path) -> None:
     plt.close(fig)
 
 
+def _machine(device: str) -> str:
+    """The host, and the GPU's name when the rows compute on one."""
+    host = f"{platform.node()} {platform.machine()}"
+    if device.startswith("cuda"):
+        import torch
+        return f"{host}, {torch.cuda.get_device_name(torch.device(device))}"
+    return host
+
+
 def _label(method: str, extra: tuple[str, ...]) -> str:
     return " ".join((method, *extra))
 
@@ -185,6 +206,9 @@ def main() -> None:
     p.add_argument("--wikitext2", type=Path, default=WIKITEXT2)
     p.add_argument("--train-ppl", action="store_true",
                    help="also the perplexity of the calibration text (wikisum train, as many windows as wikisum test)")
+    p.add_argument("--device", default="cpu", help="where calibration and evaluation compute (e.g. cuda)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows run at once (each its own processes; their times then share the machine)")
     p.add_argument("--json", type=Path, help="where the rows go (required unless --plot-only)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     p.add_argument("--plot", type=Path, metavar="PNG",
@@ -201,18 +225,29 @@ def main() -> None:
         sys.exit("--json is required (or --plot PNG --plot-only)")
     if not a.wikitext2.is_file():
         sys.exit(f"WikiText-2 test file not found at {a.wikitext2}; pass --wikitext2 PATH")
+    if a.jobs < 1:
+        sys.exit(f"--jobs must be at least 1, got {a.jobs}")
     rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
     done = {(r["scheme"], r["rotation"], r["method"]) for r in rows}
-    for row in ROW_SETS[a.rows]:
-        if _key(row) in done:
-            continue
+    todo = [row for row in ROW_SETS[a.rows] if _key(row) not in done]
+    order = {_key(row): i for i, row in enumerate(ROW_SETS[a.rows])}
+    lock = threading.Lock()
+
+    def run(row) -> None:
         with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").is_dir() else None) as tmp:
-            rows.append(run_row(row, a, Path(tmp)))
-        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-        meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.machine()}",
-                "args": {k: str(v) for k, v in vars(a).items()}}
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            result = run_row(row, a, Path(tmp))
+        with lock:  # each finished row is on disk at once: an interrupted run keeps it (--resume)
+            print(markdown([result]).splitlines()[-1], flush=True)
+            rows.append(result)
+            rows.sort(key=lambda r: order.get((r["scheme"], r["rotation"], r["method"]), len(order)))
+            meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(a.device),
+                    "args": {k: str(v) for k, v in vars(a).items()}}
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        for future in [pool.submit(run, row) for row in todo]:
+            future.result()
     print(markdown(rows))
     if a.plot is not None:
         plot(sorted(set(results) | {a.json}), a.plot)

@@ -166,6 +166,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--windows", type=int, help="number of windows (default: all full windows)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="where the torch engine runs the model (default cpu; e.g. cuda)")
     p.add_argument("--json", type=Path, help="write {ppl, tokens, ...} to this file")
     p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
                    help="torch: the PyTorch reference (default); vllm: vLLM with the rotq plugin "
@@ -513,12 +515,16 @@ def _spinquant_rotations(model, scheme, calib_ids, o: QuantizeOptions, learning,
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rotq.quant.data import eval_windows, load_text, tokenize_text
+    from rotq.quant.distributed import check_device
     from rotq.quant.perplexity import perplexity
 
     if args.windows is not None and args.windows <= 0:
         raise RotqError(f"--windows must be positive, got {args.windows}")
     if args.kl_vs is not None and args.engine != "torch":
         raise RotqError("--kl-vs compares full distributions, which only the torch engine gives; drop --engine vllm")
+    args.device = check_device(args.device)
+    if args.engine == "vllm" and args.device != "cpu":
+        raise RotqError("--device places the torch engine's model; vLLM picks its own device: drop --device")
     if args.tasks is not None:
         return _eval_tasks(args)
     text = load_text(args.ppl, "test")
@@ -527,6 +533,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result, quantized = _vllm_eval(args, text)
     else:
         model, tokenizer, scheme = load_for_eval(args.model)
+        model.to(args.device)
         _check_seqlen(model, args.seqlen)
         ids = tokenize_text(tokenizer, text)
         windows = eval_windows(ids, args.windows, args.seqlen)
@@ -567,6 +574,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
                 lm.close()
         else:
             model, tokenizer, _ = load_for_eval(args.model)
+            model.to(args.device)
             _check_seqlen(model, args.seqlen)
             results = run_tasks(torch_lm(model, tokenizer, args.batch_size, args.seqlen), tasks, manager,
                                 args.limit)
@@ -585,6 +593,7 @@ def _divergence(model, tokenizer, args: argparse.Namespace, windows):
     from rotq.quant.models import load_model
 
     reference, ref_tokenizer = load_model(args.kl_vs)
+    reference.to(args.device)
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise RotqError(f"--kl-vs {args.kl_vs} has a different tokenizer than {args.model}; "
                         "compare a quantized model with the model it was made from")

@@ -88,9 +88,27 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def check_device(name: str) -> str:
+    """``name`` as a torch device string, or a RotqError that says what this machine offers."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise RotqError(f"--device {name!r} is not a device rotq computes on; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RotqError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise RotqError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return str(device)
+
+
 def init_from_env(device: str) -> tuple[Ranks, str]:
     """Join the torchrun group when WORLD_SIZE > 1: (Ranks, this rank's compute device). With
     --device cuda each rank takes cuda:LOCAL_RANK and the group uses nccl; otherwise gloo."""
+    device = check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return SINGLE, device

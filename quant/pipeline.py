@@ -179,7 +179,8 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     prepare_model(model, scheme, rotations, layers=offload is None)
     stream = _LayerStream(model, scheme, rotations, offload)
     if cfg.act_clip_search is not None:
-        report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state, ranks)
+        report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state, ranks,
+                                                      cfg.device)
         scheme = result.scheme = with_activation_clip(scheme, report.act_clip_search["clip_ratio"])
         install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
         logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
@@ -205,11 +206,16 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     return result
 
 
-def _fit_activation_clip(model, scheme, calib_ids, options, state, ranks) -> dict:
-    """ClipSearchResult.to_dict() of the clip search, or of the interrupted run's search."""
+def _fit_activation_clip(model, scheme, calib_ids, options, state, ranks, device: str) -> dict:
+    """ClipSearchResult.to_dict() of the clip search, or of the interrupted run's search. The
+    search runs the whole model, on ``device`` (then back on the CPU, where calibration keeps it)."""
     if state is not None and state.act_clip_search is not None:
         return state.act_clip_search
-    fit = search_activation_clip(model, scheme, calib_ids, options, ranks).to_dict()
+    model.to(device)
+    try:
+        fit = search_activation_clip(model, scheme, calib_ids, options, ranks).to_dict()
+    finally:
+        model.to("cpu")
     if state is not None:
         state.save_act_clip_search(fit)
     return fit
@@ -311,6 +317,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
         stream.leave(i, layer)
         if report.linears[-1].output_rel_err is not None:
             bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
+    rotary.to("cpu")
 
 
 def _full_precision_copy(layer: nn.Module, scheme: Scheme) -> nn.Module:

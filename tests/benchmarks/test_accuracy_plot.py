@@ -1,10 +1,12 @@
-"""benchmarks/accuracy.py's summary helpers: per-layer errors from a calibration report, and the
-PNG drawn from result files."""
+"""benchmarks/accuracy.py's summary helpers (per-layer errors from a calibration report, the PNG
+drawn from result files) and its row bookkeeping under --jobs and --resume."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,35 @@ def test_plot_writes_a_png(tmp_path):
     empty.write_text("{}")
     with pytest.raises(SystemExit, match="no accuracy rows"):
         accuracy.plot([empty], png)
+
+
+def test_parallel_rows_land_in_table_order_and_resume_runs_only_the_missing(tmp_path, monkeypatch):
+    """Rows finish out of order under --jobs; each is on disk as soon as it finishes, the table
+    keeps the row set's order, and --resume reruns only what is missing."""
+    calls = []
+
+    def fake_row(row, a, tmp):
+        scheme, rotation, method, *_ = row
+        calls.append((method, a.device))
+        time.sleep(0.05 * (len(calls) % 3))
+        return {"scheme": scheme, "rotation": rotation, "method": method, "wikitext2": 1.0, "wikisum": 2.0}
+
+    monkeypatch.setattr(accuracy, "run_row", fake_row)
+    out, text = tmp_path / "rows.json", tmp_path / "wiki.test.raw"
+    text.write_text("x")
+    argv = ["accuracy.py", "--rows", "compensators-w3a16", "--jobs", "3", "--device", "cpu", "--json", str(out),
+            "--wikitext2", str(text)]
+    monkeypatch.setattr(sys, "argv", argv)
+    accuracy.main()
+    methods = [m for _, _, m in accuracy.ROW_SETS["compensators-w3a16"]]
+    assert sorted(calls) == sorted((m, "cpu") for m in methods)
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == methods
+
+    kept = json.loads(out.read_text())
+    kept["rows"] = [r for r in kept["rows"] if r["method"] != "qep"]
+    out.write_text(json.dumps(kept))
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", argv + ["--resume"])
+    accuracy.main()
+    assert calls == [("qep", "cpu")]
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == methods

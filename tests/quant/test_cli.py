@@ -112,6 +112,8 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(["eval", str(model), "--ppl", str(text_file), "--windows", "1000", "--seqlen", "32"], capsys,
          "windows")
     _bad(["eval", str(model), "--ppl", "c4"], capsys, "c4")
+    _bad(["eval", str(model), "--ppl", str(text_file), "--device", "tpu"], capsys, "not a device rotq computes on")
+    _bad(_quantize_args(model, out, text_file, "--device", "cuda:7"), capsys, "--device cuda:7")  # no such GPU
     _bad(["eval", str(model), "--ppl", str(text_file), "--seqlen", "4096"], capsys, "max_position_embeddings")
     _bad(_quantize_args(model, out, text_file, "--seqlen", "100000"), capsys, "max_position_embeddings")
     _bad(["quantize", str(model)], capsys, "-o/--out")

@@ -73,7 +73,7 @@ def test_zero_steps_leave_the_weights_unchanged_bit_for_bit(tiny_llama):
 
 def test_refined_block_with_e_at_zero_equals_the_original(tiny_llama):
     """W(0) = W: the objective's layer with E frozen at zero computes what the plain layer computes
-    with its weights on the same (min-max, straight-through) grid."""
+    with its weights on the same (straight-through) grid."""
     model, scheme, inps, forward = _layer_setup(tiny_llama)
     layer = decoder_layers(model)[0]
     refs = {n: SingularRefinement(lin.weight.data, "sde") for n, lin in layer_linears(layer).items()}
@@ -86,6 +86,43 @@ def test_refined_block_with_e_at_zero_equals_the_original(tiny_llama):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("scheme_name", ["w4a4kv4", "w3a16"])
+def test_objective_at_e_zero_is_the_error_of_the_weights_rtn_gives(tiny_llama, scheme_name):
+    """Training rounds W(E) on the grid the final RTN fits (clip search included), so at E = 0
+    the objective is the block error of exactly the weights `--method rtn` would write."""
+    from rotq.quant.quantizer import quantize_weight_rtn
+
+    model, scheme, inps, forward = _layer_setup(tiny_llama, scheme_name)
+    assert scheme.weights.clip_search  # otherwise a min-max grid would pass too
+    layer = decoder_layers(model)[1]
+    fp = _full_precision_copy(layer, scheme)
+    with torch.no_grad():
+        y = torch.cat([_out(fp, b, forward) for b in inps.split(2)])
+    refs = {n: SingularRefinement(lin.weight.data, "sde") for n, lin in layer_linears(layer).items()}
+    install_layer_ops(layer, scheme, ste=True)
+    obj = RefinementObjective(layer, refs, scheme.weights, [], [y], forward, 1.0)
+    with torch.no_grad():
+        got = obj(inps[:2], slice(0, 2))
+        for lin in layer_linears(layer).values():
+            lin.weight.copy_(quantize_weight_rtn(lin.weight, scheme.weights).dequantize())
+        want = relative_error(_out(layer, inps[:2], forward), y[:2])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_training_keeps_the_grid_of_the_starting_weights(tiny_llama):
+    model, scheme, inps, forward = _layer_setup(tiny_llama)
+    layer = decoder_layers(model)[1]
+    refs = {n: SingularRefinement(lin.weight.data, "lsi") for n, lin in layer_linears(layer).items()}
+    obj = RefinementObjective(layer, refs, scheme.weights, [], [inps], forward, 1.0)
+    scales = {n: g.scale.clone() for n, g in obj.grids.items()}
+    with torch.no_grad():
+        for r in refs.values():
+            r.diag.fill_(0.5)  # every singular value 50 % larger: a min-max grid would grow with them
+    obj(inps[:1], slice(0, 1)).backward()
+    assert all(torch.equal(obj.grids[n].scale, scales[n]) for n in scales)
+    assert all(r.diag.grad is not None and r.diag.grad.abs().sum() > 0 for r in refs.values())
+
+
 @pytest.mark.parametrize("kind", ["lsi", "sde"])
 def test_training_lowers_the_loss_below_rtn(tiny_llama, kind):
     model, scheme, inps, forward = _layer_setup(tiny_llama)
@@ -93,7 +130,7 @@ def test_training_lowers_the_loss_below_rtn(tiny_llama, kind):
     fp = _full_precision_copy(layer, scheme)
     rep = refine_layer(1, layer, fp, [], inps, None, forward, scheme, scheme,
                        RefineOptions(kind=kind, steps=30, lr=2e-2), batch_size=2, show_progress=False)
-    assert rep.loss_end < rep.loss_start  # loss_start: min-max RTN weights with E = 0
+    assert rep.loss_end < rep.loss_start  # loss_start: RTN weights with E = 0
     # the merged layer's own weights are no longer the originals, and the online ops are back to rounding
     assert not layer.self_attn.rotq_ste
 
