@@ -22,8 +22,9 @@ changes at inference) and the chosen compensator (RTN, GPTQ, GPTAQ, ...) quantiz
 Objective. On the layer's calibration inputs x̃ (the partially quantized model's, as the
 compensators see them), the layer F_E, with every W(E) fake-quantized on the grid RTN fits
 to W at the start (the scheme's clip search included; held fixed while E trains) and the
-scheme's activation and KV quantizers, all rounding straight through, should reproduce the full-precision layer's output y (computed on the full-precision inputs
-when the method keeps that trajectory, else on x̃):
+scheme's activation and KV quantizers, all rounding straight through, should reproduce the
+full-precision layer's output y (computed on the full-precision inputs when the method keeps
+that trajectory, else on x̃):
 
     L = e(F_E(x̃), y) + γ / K' Σ_{k=1..K'} e(G_k(F_E(x̃)), G_k(y)),    e(a, b) = ||a − b||² / ||b||²,
 
