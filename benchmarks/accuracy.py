@@ -183,6 +183,11 @@ def _key(row) -> tuple[str, str, str]:
     return (scheme, rotation, _label(method, tuple(extra[0]) if extra else ()))
 
 
+def _result_key(result: dict) -> tuple[str, str, str]:
+    """The row a result came from, as ``_key`` names it."""
+    return (result["scheme"], result["rotation"], result["method"])
+
+
 def markdown(rows: list[dict]) -> str:
     train = any("wikisum_train" in r for r in rows)
     lines = ["| scheme | rotation | method | WikiText-2 | wikisum | " + ("wikisum train | " if train else "")
@@ -230,7 +235,7 @@ def main() -> None:
     if a.jobs < 1:
         sys.exit(f"--jobs must be at least 1, got {a.jobs}")
     rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
-    done = {(r["scheme"], r["rotation"], r["method"]) for r in rows}
+    done = {_result_key(r) for r in rows}
     todo = [row for row in ROW_SETS[a.rows] if _key(row) not in done]
     order = {_key(row): i for i, row in enumerate(ROW_SETS[a.rows])}
     lock = threading.Lock()
@@ -241,7 +246,7 @@ def main() -> None:
         with lock:  # each finished row is on disk at once: an interrupted run keeps it (--resume)
             print(markdown([result]).splitlines()[-1], flush=True)
             rows.append(result)
-            rows.sort(key=lambda r: order.get((r["scheme"], r["rotation"], r["method"]), len(order)))
+            rows.sort(key=lambda r: order.get(_result_key(r), len(order)))
             meta = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(a.device),
                     "args": {k: str(v) for k, v in vars(a).items()}}
             a.json.parent.mkdir(parents=True, exist_ok=True)
