@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -218,6 +219,8 @@ def main() -> None:
                    help="rows run at once (each its own processes; their times then share the machine)")
     p.add_argument("--json", type=Path, help="where the rows go (required unless --plot-only)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
+    p.add_argument("--only", metavar="REGEX",
+                   help="run only the rows whose method label matches (e.g. 'gptq --a-clip 0.9 --refine lsi')")
     p.add_argument("--plot", type=Path, metavar="PNG",
                    help="draw perplexity and per-layer error from every JSON in benchmarks/results")
     p.add_argument("--plot-only", action="store_true", help="only redraw --plot from the JSON files")
@@ -234,9 +237,15 @@ def main() -> None:
         sys.exit(f"WikiText-2 test file not found at {a.wikitext2}; pass --wikitext2 PATH")
     if a.jobs < 1:
         sys.exit(f"--jobs must be at least 1, got {a.jobs}")
+    try:
+        only = re.compile(a.only) if a.only else None
+    except re.error as e:
+        sys.exit(f"--only {a.only!r} is not a regular expression: {e}")
     rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
     done = {_result_key(r) for r in rows}
-    todo = [row for row in ROW_SETS[a.rows] if _key(row) not in done]
+    todo = [row for row in ROW_SETS[a.rows] if _key(row) not in done and (only is None or only.search(_key(row)[2]))]
+    if not todo:
+        print(f"nothing to run: every row of {a.rows}{' matching --only' if only else ''} is in {a.json}")
     order = {_key(row): i for i, row in enumerate(ROW_SETS[a.rows])}
     lock = threading.Lock()
 

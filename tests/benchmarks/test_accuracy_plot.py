@@ -72,3 +72,26 @@ def test_parallel_rows_land_in_table_order_and_resume_runs_only_the_missing(tmp_
     accuracy.main()
     assert calls == [("qep", "cpu")]
     assert [r["method"] for r in json.loads(out.read_text())["rows"]] == methods
+
+
+def test_only_runs_the_rows_whose_label_matches(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_row(row, a, tmp):
+        scheme, rotation, method, *_ = row
+        calls.append(method)
+        return {"scheme": scheme, "rotation": rotation, "method": method, "wikitext2": 1.0, "wikisum": 2.0}
+
+    monkeypatch.setattr(accuracy, "run_row", fake_row)
+    out, text = tmp_path / "rows.json", tmp_path / "wiki.test.raw"
+    text.write_text("x")
+    argv = ["accuracy.py", "--rows", "compensators-w3a16", "--json", str(out), "--wikitext2", str(text)]
+    monkeypatch.setattr(sys, "argv", argv + ["--only", "foem$"])
+    accuracy.main()
+    assert calls == ["gptaq+foem", "foem"]
+    monkeypatch.setattr(sys, "argv", argv + ["--only", "foem$", "--resume"])
+    accuracy.main()
+    assert calls == ["gptaq+foem", "foem"] and "nothing to run" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", argv + ["--only", "("])
+    with pytest.raises(SystemExit, match="not a regular expression"):
+        accuracy.main()
