@@ -60,6 +60,8 @@ ROW_SETS = {
                              for m in ("rtn", "gptq", *COMPENSATORS) for rotation in ("hadamard", "spinquant")],
     # issue 5: does GPTAQ's gain at W3A16 hold at 4 bits, the weight-only scheme people deploy?
     "gptaq-w4a16": [("w4a16", "none", m) for m in ("gptq", "gptaq")],
+    # ... and under the weight-only default's own rotation (hadamard), before the default changes
+    "gptaq-w4a16-hadamard": [("w4a16", "hadamard", m) for m in ("gptq", "gptaq")],
     # issue 5: the default W4A4KV4 pipeline (spinquant, clip fitted, qep+gptq) over calibration
     # draws: the seed picks the calibration windows and the randomised Hadamards
     "seeds-default": [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--seed", str(seed)))
