@@ -24,10 +24,12 @@ def _whole_layer_input(layer, linear, h, forward):
 
 
 @pytest.mark.parametrize("arch,scheme", [("llama", "w4a4kv4"), ("qwen3", "w4a4kv4"), ("qwen2", "w4a16")])
-@pytest.mark.parametrize("batch_size", [2, 5])
-def test_stages_equal_whole_layer_forwards_as_groups_are_quantized(tiny_model_dir, arch, scheme, batch_size):
+@pytest.mark.parametrize("batch_size,mlp_rows", [(2, 2048), (5, 2048), (2, 7)])
+def test_stages_equal_whole_layer_forwards_as_groups_are_quantized(tiny_model_dir, arch, scheme, batch_size,
+                                                                     mlp_rows):
     """Each group's inputs equal those of the whole layer with the groups before it changed,
-    and the output equals the whole layer's: on 5 sequences of 19 tokens (odd batch split)."""
+    and the output equals the whole layer's: on 5 sequences of 19 tokens (odd batch split; the
+    MLP whole, or 7 tokens at a time across sequence boundaries)."""
     model, _ = load_model(str(tiny_model_dir(arch, nonpow2=arch == "llama")))
     prepare_model(model, preset(scheme, "hadamard"))
     layer = decoder_layers(model)[1]
@@ -37,7 +39,7 @@ def test_stages_equal_whole_layer_forwards_as_groups_are_quantized(tiny_model_di
     forward = dict(position_ids=pos, position_embeddings=model.model.rotary_emb(h, pos),
                    attention_mask=None, use_cache=False)
     with torch.no_grad():
-        staged = StagedLayer(layer, h.clone(), forward, batch_size)
+        staged = StagedLayer(layer, h.clone(), forward, batch_size, mlp_rows=mlp_rows)
         for gi, group in enumerate(LINEAR_GROUPS):
             got = torch.cat(list(staged.group_inputs(gi)))
             want = torch.cat([_whole_layer_input(layer, group[0], h[s:s + batch_size], forward)
