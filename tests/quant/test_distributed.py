@@ -54,7 +54,7 @@ def _without_clock(value):
     # activation clip, QEP with GPTAQ's asymmetric statistic D
     ("llama", False, ["--rotation-steps", "2", "--rotation-samples", "3", "--method", "qep+gptaq"]),
     # odd sample count (batches of 2, 2 and 1 + ... on uneven shards), odd sizes, weight-only GPTQ
-    ("qwen2", True, ["--scheme", "w4a16", "--nsamples", "7"]),
+    ("qwen2", True, ["--scheme", "w4a16", "--nsamples", "7", "--method", "gptq"]),
 ])
 def test_two_ranks_write_the_single_process_checkpoint(tiny_model_dir, tmp_path, arch, nonpow2, extra):
     text = tmp_path / "text.txt"
