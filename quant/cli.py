@@ -387,7 +387,7 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
     from rotq.quant.data import calibration_batches, tokenize_text
     from rotq.quant.gptq import GPTQOptions
     from rotq.quant.methods import MethodOptions
-    from rotq.quant.arch import decoder_layers
+    from rotq.quant.arch import decoder_layers, release_linears
     from rotq.quant.models import load_model
     from rotq.quant.offload import Offload, OffloadedWeights, load_model_offloaded
     from rotq.export.compressed_tensors import save_compressed_tensors
@@ -413,8 +413,7 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
         device=device, trajectory_dir=o.trajectory_dir,
-        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine, release_float_weights=True,
-        options=MethodOptions(
+        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine, options=MethodOptions(
             gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,
@@ -431,6 +430,8 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
         ranks.barrier()  # rank 0 writes OUT
         return 0
     shard = "5GB" if offload is None else "1GB"  # a shard is assembled in memory before it is written
+    for layer in decoder_layers(model):  # export packs the integer weights: free the float copies
+        release_linears(layer)
     if o.format == "rotq":
         save_rotq(model, result.weights, tokenizer, scheme, args.out, report=full_report, rotations=rotations,
                   max_shard_size=shard)

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rotq.quant.act_clip import ClipSearchOptions, search_activation_clip, with_activation_clip
-from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears, release_linears
+from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
 from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.hessian import group_statistics
@@ -77,11 +77,6 @@ class CalibrationConfig:
     act_clip_search: ClipSearchOptions | None = None
     # Learned weight refinement of each layer before its linears are solved (refine.py).
     refine: RefineOptions = field(default_factory=RefineOptions)
-    # Free each decoder layer's float linears as soon as its integer weights are kept, instead
-    # of leaving them dequantized in the model: for callers that export from ``weights`` and
-    # never run the model again (the CLI). Saves the decoder's float weights (424 MB on SmolLM2)
-    # by the last layer; the returned model cannot compute.
-    release_float_weights: bool = False
 
 
 @dataclass
@@ -132,13 +127,12 @@ def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices 
 
 
 class _LayerStream:
-    """Entering and leaving a decoder layer: nothing for a model in memory (but free its float
-    linears on leaving with ``release``); with an Offload, read the layer's linears from disk and
-    fold norms and rotations into them on entry, and on leaving write its quantized weights to
-    disk and free the linears."""
+    """Entering and leaving a decoder layer: nothing for a model in memory; with an Offload,
+    read the layer's linears from disk and fold norms and rotations into them on entry, and on
+    leaving write its quantized weights to disk and free the linears."""
 
-    def __init__(self, model: nn.Module, scheme: Scheme, rotations, offload: Offload | None, release: bool = False):
-        self.config, self.rotation, self.offload, self.release = model.config, scheme.rotation, offload, release
+    def __init__(self, model: nn.Module, scheme: Scheme, rotations, offload: Offload | None):
+        self.config, self.rotation, self.offload = model.config, scheme.rotation, offload
         self.matrices = None
         if offload is not None and scheme.rotation.kind != "none":
             self.matrices = rotation_matrices(model.config, scheme.rotation, rotations)
@@ -153,8 +147,6 @@ class _LayerStream:
 
     def leave(self, i: int, layer: nn.Module) -> None:
         if self.offload is None:
-            if self.release:
-                release_linears(layer)
             return
         self.offload.source.release(layer)
         self.offload.weights.spill(f"layer-{i:05d}")
@@ -185,7 +177,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     # An interrupted run's seconds count too: the clock starts that much earlier.
     clock = time.perf_counter() - (state.report["seconds"] if state is not None else 0.0)
     prepare_model(model, scheme, rotations, layers=offload is None)
-    stream = _LayerStream(model, scheme, rotations, offload, cfg.release_float_weights)
+    stream = _LayerStream(model, scheme, rotations, offload)
     if cfg.act_clip_search is not None:
         report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state, ranks,
                                                       cfg.device)
@@ -193,9 +185,6 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
         install_online_ops(model, scheme)  # the search leaves them installed; a restored fit does not
         logger.info("activation clip ratio fitted on calibration data: %s", report.act_clip_search["clip_ratio"])
     checkpoint = _Checkpoint(state, result, clock, offload)
-    if offload is None and cfg.release_float_weights:
-        for layer in decoder_layers(model)[:checkpoint.start]:  # restored by a resumed run
-            release_linears(layer)
     if plan.needs_data or cfg.refine.enabled:
         if calib_ids is None:
             raise ValueError(f"method {cfg.method!r} (or --refine) needs calibration data")

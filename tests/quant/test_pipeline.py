@@ -128,22 +128,3 @@ def test_trajectory_on_disk_gives_the_same_weights(tiny_model_dir, tmp_path):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert list((tmp_path / "traj").iterdir()) == []  # the file is unlinked at once
-
-
-@pytest.mark.parametrize("method", ["rtn", "gptaq"])
-def test_releasing_float_weights_keeps_the_same_integer_weights(tiny_model_dir, method):
-    """release_float_weights frees each layer's float linears once it is done (later layers,
-    GPTAQ's full-precision copy and the scales are unaffected): the same codes and scales."""
-    results = []
-    for release in (False, True):
-        model, _ = load_model(str(tiny_model_dir("llama", nonpow2=True)))
-        cfg = CalibrationConfig(method=method, batch_size=4, release_float_weights=release)
-        results.append(calibrate(model, preset("w4a4kv4", "hadamard"), _calib(), cfg))
-    kept, released = results
-    assert kept.weights.keys() == released.weights.keys() and kept.weights
-    for name, q in kept.weights.items():
-        r = released.weights[name]
-        assert torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale), name
-    for layer in decoder_layers(released.model):
-        assert all(lin.weight.is_meta for lin in layer_linears(layer).values())
-    assert not any(lin.weight.is_meta for lin in layer_linears(decoder_layers(kept.model)[0]).values())
