@@ -7,7 +7,6 @@ such as WikiText-2's wiki.test.raw; online users may also name the hub's wikitex
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.util
 import json
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rotq.quant.errors import RotqError
+from rotq.quant.heap import release_freed_heap
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +100,8 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     if not ids:
         raise RotqError("the text yields no tokens")
     ids = torch.tensor(ids, dtype=torch.long)
-    _release_freed_heap()
+    release_freed_heap()  # the fast tokenizer's buffers for a long text: ~0.5 GB for 1M tokens
     return ids
-
-
-def _release_freed_heap() -> None:
-    """Return freed heap memory to the system. A fast tokenizer's buffers for a long text (about
-    0.5 GB for 1M tokens) are freed into glibc's heap but stay in the process's RSS through the
-    whole calibration otherwise. A no-op where malloc_trim does not exist (not glibc)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def calibration_batches(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

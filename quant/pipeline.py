@@ -41,6 +41,7 @@ from rotq.quant.act_clip import ClipSearchOptions, search_activation_clip, with_
 from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
 from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
+from rotq.quant.heap import release_freed_heap
 from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
 from rotq.quant.online import install_layer_ops, install_online_ops
@@ -315,6 +316,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
         layer.to("cpu")
         checkpoint.save(i, layer, inps, fp_inps)
         stream.leave(i, layer)
+        release_freed_heap()  # the layer's transients, or the heap grows fragmented layer by layer
         if report.linears[-1].output_rel_err is not None:
             bar.set_postfix(out_err=f"{report.linears[-1].output_rel_err:.3g}")
     rotary.to("cpu")
