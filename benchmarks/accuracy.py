@@ -223,6 +223,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     p.add_argument("--only", metavar="REGEX",
                    help="run only the rows whose method label matches (e.g. 'gptq --a-clip 0.9 --refine lsi')")
+    p.add_argument("--rotation", metavar="NAME",
+                   help="run only the rows under this rotation (e.g. spinquant: one column of a row set)")
     p.add_argument("--plot", type=Path, metavar="PNG",
                    help="draw perplexity and per-layer error from every JSON in benchmarks/results")
     p.add_argument("--plot-only", action="store_true", help="only redraw --plot from the JSON files")
@@ -245,9 +247,14 @@ def main() -> None:
         sys.exit(f"--only {a.only!r} is not a regular expression: {e}")
     rows = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
     done = {_result_key(r) for r in rows}
-    todo = [row for row in ROW_SETS[a.rows] if _key(row) not in done and (only is None or only.search(_key(row)[2]))]
+    rotations = {_key(row)[1] for row in ROW_SETS[a.rows]}
+    if a.rotation is not None and a.rotation not in rotations:
+        sys.exit(f"--rotation {a.rotation!r}: row set {a.rows} has rows under {', '.join(sorted(rotations))}")
+    todo = [row for row in ROW_SETS[a.rows] if _key(row) not in done
+            and (only is None or only.search(_key(row)[2])) and a.rotation in (None, _key(row)[1])]
     if not todo:
-        print(f"nothing to run: every row of {a.rows}{' matching --only' if only else ''} is in {a.json}")
+        print(f"nothing to run: every row of {a.rows}{' matching the filters' if only or a.rotation else ''} "
+              f"is in {a.json}")
     order = {_key(row): i for i, row in enumerate(ROW_SETS[a.rows])}
     lock = threading.Lock()
 

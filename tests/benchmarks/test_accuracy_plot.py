@@ -95,3 +95,23 @@ def test_only_runs_the_rows_whose_label_matches(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv + ["--only", "("])
     with pytest.raises(SystemExit, match="not a regular expression"):
         accuracy.main()
+
+
+def test_rotation_runs_one_column_of_a_row_set(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_row(row, a, tmp):
+        scheme, rotation, method, *_ = row
+        calls.append((rotation, method))
+        return {"scheme": scheme, "rotation": rotation, "method": method, "wikitext2": 1.0, "wikisum": 2.0}
+
+    monkeypatch.setattr(accuracy, "run_row", fake_row)
+    out, text = tmp_path / "rows.json", tmp_path / "wiki.test.raw"
+    text.write_text("x")
+    argv = ["accuracy.py", "--rows", "compensators-w4a4kv4", "--json", str(out), "--wikitext2", str(text)]
+    monkeypatch.setattr(sys, "argv", argv + ["--rotation", "spinquant", "--only", "^qep"])
+    accuracy.main()
+    assert calls == [("spinquant", "qep")]
+    monkeypatch.setattr(sys, "argv", argv + ["--rotation", "quarot"])
+    with pytest.raises(SystemExit, match="has rows under hadamard, spinquant"):
+        accuracy.main()
