@@ -87,15 +87,18 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
         scheme, rotation, method, *extra = row
         extra = tuple(extra[0]) if extra else ()
         model, report = str(tmp / "q"), tmp / "report.json"
+        reuse = ("--rotation-file", str(a.rotation_file)) if a.rotation_file and rotation == "spinquant" else ()
         t0 = time.perf_counter()
         _rotq("quantize", a.model, "-o", model, "--scheme", scheme, "--rotation", rotation,
               "--method", method, "--calib", "wikisum", "--nsamples", str(a.nsamples),
               "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--device", a.device, "--report", str(report),
-              *extra)
+              *extra, *reuse)
         rep = json.loads(report.read_text())
         result = {"scheme": scheme, "rotation": rotation, "method": _label(method, extra),
                   "calib_seconds": rep["seconds"], "quantize_wall_seconds": time.perf_counter() - t0,
                   "peak_rss_mb": rep["peak_rss_mb"]}
+        if reuse:  # the row's label stays: the same seed and clip learn the same rotations
+            result["rotation_file"] = reuse[1]
         if rep.get("act_clip_search"):
             result["act_clip_search"] = rep["act_clip_search"]
         if rep.get("refine"):
@@ -225,6 +228,9 @@ def main() -> None:
                    help="run only the rows whose method label matches (e.g. 'gptq --a-clip 0.9 --refine lsi')")
     p.add_argument("--rotation", metavar="NAME",
                    help="run only the rows under this rotation (e.g. spinquant: one column of a row set)")
+    p.add_argument("--rotation-file", type=Path, metavar="FILE",
+                   help="spinquant rows reuse these learned R1/R2 (OUT/spinquant/rotations.safetensors of a "
+                        "run with the same --seed and clip) instead of learning them again")
     p.add_argument("--plot", type=Path, metavar="PNG",
                    help="draw perplexity and per-layer error from every JSON in benchmarks/results")
     p.add_argument("--plot-only", action="store_true", help="only redraw --plot from the JSON files")
@@ -239,6 +245,9 @@ def main() -> None:
         sys.exit("--json is required (or --plot PNG --plot-only)")
     if not a.wikitext2.is_file():
         sys.exit(f"WikiText-2 test file not found at {a.wikitext2}; pass --wikitext2 PATH")
+    if a.rotation_file is not None and not a.rotation_file.is_file():
+        sys.exit(f"--rotation-file {a.rotation_file} does not exist; pass OUT/spinquant/rotations.safetensors "
+                 f"of an earlier `rotq quantize --rotation spinquant` run")
     if a.jobs < 1:
         sys.exit(f"--jobs must be at least 1, got {a.jobs}")
     try:

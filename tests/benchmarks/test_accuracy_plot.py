@@ -115,3 +115,35 @@ def test_rotation_runs_one_column_of_a_row_set(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv + ["--rotation", "quarot"])
     with pytest.raises(SystemExit, match="has rows under hadamard, spinquant"):
         accuracy.main()
+
+
+def test_rotation_file_is_passed_to_spinquant_rows_only(tmp_path, monkeypatch):
+    """--rotation-file reaches `rotq quantize` for spinquant rows (not hadamard's) and the row
+    records it; a missing file is a clear exit before anything runs."""
+    quantized = []
+
+    def fake_rotq(*args):
+        if args[0] == "quantize":
+            quantized.append(args)
+            Path(args[args.index("--report") + 1]).write_text(json.dumps(
+                {"seconds": 1.0, "peak_rss_mb": 1.0, "linears": []}))
+        else:
+            Path(args[args.index("--json") + 1]).write_text(json.dumps({"ppl": 3.0}))
+
+    monkeypatch.setattr(accuracy, "_rotq", fake_rotq)
+    monkeypatch.setattr(accuracy.subprocess, "run", lambda *a, **k: None)
+    out, text, rot = tmp_path / "rows.json", tmp_path / "wiki.test.raw", tmp_path / "rotations.safetensors"
+    text.write_text("x")
+    argv = ["accuracy.py", "--rows", "compensators-w4a4kv4", "--only", "^gptq", "--json", str(out),
+            "--wikitext2", str(text), "--rotation-file", str(rot)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="does not exist"):
+        accuracy.main()
+    assert not quantized
+    rot.write_bytes(b"R")
+    accuracy.main()
+    by_rotation = {q[q.index("--rotation") + 1]: q for q in quantized}
+    assert "--rotation-file" not in by_rotation["hadamard"]
+    assert by_rotation["spinquant"][-2:] == ("--rotation-file", str(rot))
+    rows = {r["rotation"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["spinquant"]["rotation_file"] == str(rot) and "rotation_file" not in rows["hadamard"]
