@@ -40,6 +40,9 @@ from rotq.serving.engine import (  # noqa: E402
     prompt_logprobs,
 )
 
+# RTN's weights do not depend on the calibration text: a small calibration set keeps these runs short
+RTN_CALIB = ("--nsamples", "8", "--seqlen", "256")
+
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city "
         "of France. A rotation of the hidden state leaves the output of the network unchanged. ") * 60
 
@@ -81,7 +84,7 @@ def test_tiny_w4a4_matches_reference(tiny_w4a4, tp):
 def smollm2_w4a16(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "w4a16"
     assert main(["quantize", "smollm2-135m", "-o", str(out), "--scheme", "w4a16", "--rotation", "hadamard",
-                 "--method", "rtn"]) == 0
+                 "--method", "rtn", *RTN_CALIB]) == 0
     return out
 
 
