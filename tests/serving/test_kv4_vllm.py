@@ -38,14 +38,16 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital and m
 PAGED = dict(block_size=32, max_num_batched_tokens=48)
 
 
-def _check_greedy(model, prompts, got, ref, slack=0.5):
+def _check_greedy(model, prompts, got, ref, slack=1.0):
     """vLLM's greedy continuation follows the reference's until a step where both tokens are
     near-equally likely: there vLLM's token must be within ``slack`` nats of the reference's best
     (a broken cache picks tokens the reference finds unlikely). Returns the tokens matched
     before the paths part. Why they part at all: the KV quantizer rounds inputs that differ in
     the last bits (vLLM's RoPE vs transformers'), and on SmolLM2 one flipped code can move the
     next-token log-probs by 0.2 nats: the reference's own cached generation and its full forward
-    differ that much (measured on the "Once upon a time" prompt, step 2: -1.921 vs -2.133)."""
+    differ that much (measured on the "Once upon a time" prompt, step 2: -1.921 vs -2.133). On an
+    AVX2 CPU, whose BLAS sums in another order, SmolLM2 W4A16KV4 parted once at a token 0.78 nats
+    below the best (outside its top 3), hence 1 nat; a broken cache is off by several."""
     matched = 0
     for p, g, r in zip(prompts, got, ref):
         n = next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r))
