@@ -71,6 +71,11 @@ class QuantizeOptions:
     rotation_file: str | None = None  # spinquant: reuse these R1/R2 instead of learning
     rotation_samples: int | None = None  # spinquant: calibration sequences per step
     method: str | None = None  # None: DEFAULT_METHOD by whether the scheme quantizes activations
+    gptaq_alpha: float | None = None  # GPTAQ's asymmetric term (gptaq, gptaq+foem, rescomp); None: its default
+    foem_variant: str | None = None  # '6b' (GPTQModel's, default) or '6a' (the paper repository's)
+    foem_beta: float | None = None  # None: the variant's default
+    qep_alpha: float | None = None  # fraction of QEP's correction applied
+    rescomp_alpha2: float | None = None  # ResComp's compensation-aware term
     refine: str = "none"  # learned weight refinement before the method: none | lsi | sde (refine.py)
     refine_steps: int | None = None  # AdamW steps per layer (default: RefineOptions)
     refine_lr: float | None = None
@@ -115,6 +120,12 @@ def _add_quantize(sub) -> None:
                    "spinquant/rotations.safetensors instead of learning")
     p.add_argument("--method", help="rtn | gptq | gptaq | foem | qep | rescomp, or a combination "
                    "such as gptaq+foem, qep+gptq (default: qep+gptq when activations are quantized, else gptaq)")
+    p.add_argument("--gptaq-alpha", type=float, help="GPTAQ's asymmetric term in gptaq, gptaq+foem and rescomp "
+                   "(default 0.25; 0.30 in gptaq+foem with --foem-variant 6a)")
+    p.add_argument("--foem-variant", help="FOEM's first-order term: 6b (GPTQModel's, default) or 6a (the paper's)")
+    p.add_argument("--foem-beta", type=float, help="FOEM's beta (default 0.2 for 6b, 1e-4 for 6a; 0 is GPTQ)")
+    p.add_argument("--qep-alpha", type=float, help="fraction of QEP's correction applied (default 0.5; 0 is off)")
+    p.add_argument("--rescomp-alpha2", type=float, help="ResComp's compensation-aware term (default 0.25)")
     p.add_argument("--refine", help="learned weight refinement of each layer before --method (CQE+-style): "
                                     "none (default) | lsi (singular-value increments) | sde (a band around the "
                                     "diagonal of the singular values)")
@@ -258,6 +269,45 @@ def build_scheme(o: QuantizeOptions):
     return scheme.replace(**changes)
 
 
+def method_options(o: QuantizeOptions, method: str):
+    """MethodOptions from the flags. A method flag that ``method`` does not read is an error: it
+    would otherwise be ignored without a word. GPTAQ's alpha lives in the options of the solver
+    that carries it (FOEMOptions in gptaq+foem, ResCompOptions in rescomp)."""
+    from rotq.quant.foem import DEFAULT_BETA, FOEMOptions
+    from rotq.quant.gptaq import GPTAQOptions
+    from rotq.quant.gptq import GPTQOptions
+    from rotq.quant.methods import MethodOptions, parse_method
+    from rotq.quant.qep import QEPOptions
+    from rotq.quant.rescomp import ResCompOptions
+
+    plan = parse_method(method)
+    readers = {"gptaq_alpha": plan.solver in ("gptaq", "gptaq+foem", "rescomp"),
+               "foem_variant": plan.solver in ("foem", "gptaq+foem"),
+               "foem_beta": plan.solver in ("foem", "gptaq+foem"), "qep_alpha": plan.qep,
+               "rescomp_alpha2": plan.solver == "rescomp"}
+    for name, read in readers.items():
+        value, flag = getattr(o, name), "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if not read:
+            raise RotqError(f"{flag} does not apply to --method {method}; drop it or choose a method with "
+                            f"{name.split('_')[0]}")
+        if name == "foem_variant":
+            if value not in DEFAULT_BETA:
+                raise RotqError(f"--foem-variant must be one of {', '.join(DEFAULT_BETA)}, got {value!r}")
+        elif not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+            raise RotqError(f"{flag} must be a number >= 0, got {value!r}")
+    alpha = o.gptaq_alpha
+    return MethodOptions(
+        gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order),
+        gptaq=GPTAQOptions(alpha=alpha) if alpha is not None and plan.solver == "gptaq" else GPTAQOptions(),
+        foem=FOEMOptions(variant=o.foem_variant or "6b", beta=o.foem_beta,
+                         alpha=alpha if plan.solver == "gptaq+foem" else None),
+        qep=QEPOptions() if o.qep_alpha is None else QEPOptions(alpha=o.qep_alpha),
+        rescomp=ResCompOptions(**{k: v for k, v in (("alpha", alpha if plan.solver == "rescomp" else None),
+                                                     ("alpha2", o.rescomp_alpha2)) if v is not None}))
+
+
 def _activation_clip(value) -> float | str | None:
     """--a-clip: None, "auto", or a ratio in (0, 1]."""
     if value is None or value == "auto":
@@ -305,6 +355,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     o = quantize_options(args)
     scheme = build_scheme(o)
     method = check_method(o.method or default_method(scheme))
+    method_options(o, method)  # its flags' errors before anything loads
     if o.format not in FORMATS:
         raise RotqError(f"unknown format {o.format!r}; choose one of {', '.join(FORMATS)}")
     if o.format == "compressed-tensors":
@@ -385,8 +436,6 @@ def _offload_scratch(directory: str | None, ranks):
 def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_dir: Path, ranks, device: str,
                          learning, fit_clip: bool, refine, text, model_dir: Path, scratch: Path | None) -> int:
     from rotq.quant.data import calibration_batches, tokenize_text
-    from rotq.quant.gptq import GPTQOptions
-    from rotq.quant.methods import MethodOptions
     from rotq.quant.arch import decoder_layers, release_linears
     from rotq.quant.models import load_model
     from rotq.quant.offload import Offload, OffloadedWeights, load_model_offloaded
@@ -413,8 +462,7 @@ def _calibrate_and_write(args, o: QuantizeOptions, scheme, method: str, state_di
     cfg = CalibrationConfig(
         method=method, act_quant_calibration=o.calib_act_quant, batch_size=o.batch_size,
         device=device, trajectory_dir=o.trajectory_dir,
-        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine, options=MethodOptions(
-            gptq=GPTQOptions(percdamp=o.percdamp, block_size=o.block_size, act_order=o.act_order)),
+        act_clip_search=ClipSearchOptions() if fit_clip else None, refine=refine, options=method_options(o, method),
     )
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,
                        offload=offload)

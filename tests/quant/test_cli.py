@@ -120,6 +120,12 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(_quantize_args(model, out, text_file, "--format", "gguf"), capsys, "unknown format 'gguf'")
     _bad(_quantize_args(model, out, text_file, "--a-clip", "1.5"), capsys, "--a-clip must be a ratio")
     _bad(_quantize_args(model, out, text_file, "--refine", "svd"), capsys, "unknown --refine 'svd'")
+    _bad(_quantize_args(model, out, text_file, "--method", "qep+gptq", "--foem-beta", "0.1"), capsys,
+         "--foem-beta does not apply to --method qep+gptq")
+    _bad(_quantize_args(model, out, text_file, "--method", "foem", "--foem-variant", "6c"), capsys,
+         "--foem-variant must be one of 6b, 6a")
+    _bad(_quantize_args(model, out, text_file, "--method", "gptaq", "--gptaq-alpha", "-1"), capsys,
+         "--gptaq-alpha must be a number >= 0")
     _bad(_quantize_args(model, out, text_file, "--refine", "lsi", "--refine-lr", "0"), capsys, "lr > 0")
     _bad(_quantize_args(model, out, text_file, "--rotation", "hadamard", "--a-clip", "0.9", "--refine", "sde",
                         "--cross-layer", "1", "--offload",
@@ -264,6 +270,38 @@ def test_serve_picks_the_cpu_dtype_each_format_runs_in(tiny_model_dir, tmp_path,
     started.clear()
     main(["serve", str(out), "--dtype", "float16"])  # a given dtype is kept
     assert started[0].count("--dtype") == 1 and "float16" in started[0]
+
+
+def test_method_flags_reach_the_solver(tiny_model_dir, text_file, tmp_path):
+    """FOEM with --foem-beta 0 and QEP with --qep-alpha 0 are GPTQ bit for bit (the identities of
+    notes/algorithms.md) through the CLI, while FOEM's default beta is not."""
+    import torch
+    from safetensors.torch import load_file
+
+    def weights(name, *method):
+        out = tmp_path / name
+        assert main(_quantize_args(tiny_model_dir("llama"), out, text_file, "--scheme", "w4a16", "--rotation",
+                                   "none", *method)) == 0
+        return load_file(out / "model.safetensors")
+
+    gptq = weights("gptq", "--method", "gptq")
+    for name, method in [("foem-beta0", ("--method", "foem", "--foem-beta", "0")),
+                         ("qep-alpha0", ("--method", "qep+gptq", "--qep-alpha", "0"))]:
+        assert all(torch.equal(t, gptq[k]) for k, t in weights(name, *method).items()), name
+    foem = weights("foem", "--method", "foem")
+    assert any(not torch.equal(t, gptq[k]) for k, t in foem.items())
+
+
+def test_method_options_put_gptaq_alpha_where_its_solver_reads_it():
+    from rotq.quant.cli import QuantizeOptions, method_options
+
+    o = QuantizeOptions(gptaq_alpha=0.1, foem_variant="6a", foem_beta=0.01, rescomp_alpha2=None)
+    foem = method_options(o, "gptaq+foem")
+    assert (foem.foem.variant, foem.foem.beta, foem.foem.alpha, foem.gptaq.alpha) == ("6a", 0.01, 0.1, 0.25)
+    assert method_options(QuantizeOptions(gptaq_alpha=0.1), "gptaq").gptaq.alpha == 0.1
+    rescomp = method_options(QuantizeOptions(gptaq_alpha=0.1, rescomp_alpha2=0.5), "gptaq+rescomp")
+    assert (rescomp.rescomp.alpha, rescomp.rescomp.alpha2, rescomp.gptaq.alpha) == (0.1, 0.5, 0.25)
+    assert method_options(QuantizeOptions(qep_alpha=0.0), "qep+gptaq").qep.alpha == 0.0
 
 
 def test_refinement_through_the_cli(tiny_model_dir, text_file, tmp_path):
