@@ -1,13 +1,13 @@
-"""Does the cross-layer term help learned refinement? A cheap check on the first layers of a model.
+"""Cheap checks on the first decoder layers of a model, scored on calibration text only.
 
-The full accuracy rows of refinement cost 30-60 min each on a 2-core CPU. This benchmark keeps
-the first ``--layers`` decoder layers of the model (saved as a model of their own), quantizes
-them with each ``--methods`` entry under {no refinement, --refine KIND, --refine KIND
---cross-layer K}, and scores each against the same truncated model in full precision: mean KL
-divergence of the next-token distribution and top-1 agreement on wikisum **train** text, so
-that no test text is looked at. Each row runs the real CLI in a subprocess.
+A full accuracy row costs 30-60 min on a 2-core CPU. This benchmark keeps the first
+``--layers`` decoder layers of the model (saved as a model of its own), quantizes them once per
+row of a set with the real CLI (`rotq quantize` in a subprocess), and scores each against the
+same truncated model in full precision: mean KL divergence of the next-token distribution and
+top-1 agreement on wikisum **train** text, so no test text is looked at while a choice is made.
 
-    python benchmarks/refine_cross_layer.py --json benchmarks/results/refine-cross-layer-4layers.json
+    python benchmarks/first_layers.py --set refine-cross-layer --json benchmarks/results/first-layers-refine-cross-layer.json
+    python benchmarks/first_layers.py --set foem --json benchmarks/results/first-layers-foem.json
 """
 
 from __future__ import annotations
@@ -15,11 +15,32 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+W3A16 = ("--scheme", "w3a16", "--rotation", "none")
+W4A4KV4 = ("--scheme", "w4a4kv4", "--rotation", "hadamard", "--a-clip", "0.9")
+
+# Each row is the `rotq quantize` flags that differ from the set's calibration (wikisum train,
+# --nsamples/--seqlen/--seed of this script).
+ROW_SETS = {
+    # issue 7: does the cross-layer term rescue refinement, behind RTN and behind GPTQ?
+    "refine-cross-layer": [(*W3A16, "--method", m, "--refine", r, *x) for m in ("rtn", "gptq")
+                           for r, x in (("none", ()), ("lsi", ()), ("lsi", ("--cross-layer", "1")))],
+    # issue 5: why FOEM does not beat GPTQ at W4A4KV4: its beta, and the paper's own variant (6a)
+    "foem": [(*W4A4KV4, "--method", "gptq"),
+             (*W4A4KV4, "--method", "foem"),
+             (*W4A4KV4, "--method", "foem", "--foem-beta", "0.05"),
+             (*W4A4KV4, "--method", "foem", "--foem-variant", "6a"),
+             (*W4A4KV4, "--method", "gptaq"),
+             (*W4A4KV4, "--method", "gptaq+foem"),
+             (*W4A4KV4, "--method", "gptaq+foem", "--foem-variant", "6a")],
+}
 
 
 def truncate(spec: str, layers: int, out: Path) -> Path:
@@ -40,85 +61,67 @@ def truncate(spec: str, layers: int, out: Path) -> Path:
     return out
 
 
-def rows(methods: list[str], refine: str, cross_layers: list[int]) -> list[tuple[str, str, int]]:
-    """(method, refinement, cross-layer K) of every row, each method's unrefined row first."""
-    return [(m, r, k) for m in methods for r, k in [("none", 0), (refine, 0), *((refine, k) for k in cross_layers)]]
-
-
-def label(row: tuple[str, str, int]) -> str:
-    method, refine, k = row
-    return f"{method} --refine {refine}" + (f" --cross-layer {k}" if k else "")
-
-
 def _rotq(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "rotq.quant.cli", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def run_row(row: tuple[str, str, int], fp: Path, a: argparse.Namespace, tmp: Path) -> dict:
-    method, refine, k = row
+def run_row(row: tuple[str, ...], fp: Path, a: argparse.Namespace, tmp: Path) -> dict:
     out, report, scores = tmp / "q", tmp / "report.json", tmp / "eval.json"
-    extra = ["--refine", refine] + (["--cross-layer", str(k)] if k else [])
-    if refine != "none" and a.refine_steps is not None:
-        extra += ["--refine-steps", str(a.refine_steps)]
-    _rotq("quantize", str(fp), "-o", str(out), "--scheme", a.scheme, "--rotation", a.rotation,
-          "--method", method, "--calib", "wikisum", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
-          "--seed", str(a.seed), "--report", str(report), *extra)
+    _rotq("quantize", str(fp), "-o", str(out), *row, "--calib", "wikisum", "--nsamples", str(a.nsamples),
+          "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--report", str(report), *shlex.split(a.quantize_flags))
     _rotq("eval", str(out), "--ppl", "wikisum:train", "--windows", str(a.windows), "--seqlen", str(a.eval_seqlen),
           "--kl-vs", str(fp), "--json", str(scores))
     rep, ev = json.loads(report.read_text()), json.loads(scores.read_text())
     subprocess.run(["rm", "-rf", str(out)], check=True)
     refined = rep.get("refine") or []
-    return {"row": label(row), "method": method, "refine": refine, "cross_layer": k,
-            "kl_vs_fp": ev["kl_vs_reference"], "top1_agreement": ev["top1_agreement"], "kl_tokens": ev["kl_tokens"],
-            "calib_seconds": rep["seconds"], "refine_seconds_per_layer": [r["seconds"] for r in refined],
+    return {"row": " ".join(row), "kl_vs_fp": ev["kl_vs_reference"], "top1_agreement": ev["top1_agreement"],
+            "kl_tokens": ev["kl_tokens"], "calib_seconds": rep["seconds"],
+            "refine_seconds_per_layer": [r["seconds"] for r in refined],
             "refine_loss": [(r["loss_start"], r["loss_end"]) for r in refined]}
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| method | refinement | mean KL vs FP (nats) | top-1 agreement | refine s / layer |",
+    lines = ["| rotq quantize flags | mean KL vs FP (nats) | top-1 agreement | calibration s | refine s / layer |",
              "|---|---|---|---|---|"]
     for r in results:
         per_layer = r["refine_seconds_per_layer"]
         secs = f"{sum(per_layer) / len(per_layer):.0f}" if per_layer else "-"
-        refine = r["refine"] + (f", cross-layer {r['cross_layer']}" if r["cross_layer"] else "")
-        lines.append(f"| {r['method']} | {refine} | {r['kl_vs_fp']:.4f} | {100 * r['top1_agreement']:.2f} % | {secs} |")
+        lines.append(f"| `{r['row']}` | {r['kl_vs_fp']:.4f} | {100 * r['top1_agreement']:.2f} % | "
+                     f"{r['calib_seconds']:.0f} | {secs} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--set", choices=sorted(ROW_SETS), required=True, help="the rows to run")
+    p.add_argument("--only", metavar="REGEX", help="only the rows whose flags match")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", type=int, default=4, help="decoder layers kept from the model")
-    p.add_argument("--scheme", default="w3a16")
-    p.add_argument("--rotation", default="none")
-    p.add_argument("--methods", default="rtn,gptq", help="comma-separated --method values")
-    p.add_argument("--refine", choices=("lsi", "sde"), default="lsi")
-    p.add_argument("--cross-layer", default="1", help="comma-separated K values of the cross-layer rows")
-    p.add_argument("--refine-steps", type=int, help="steps per layer (default: rotq quantize's)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize-flags", default="", help="more `rotq quantize` flags for every row, e.g. "
+                   "'--refine-steps 20'")
     p.add_argument("--windows", type=int, default=8, help="wikisum train windows scored")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--json", type=Path, required=True, help="where the rows go")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     a = p.parse_args()
     try:
-        cross = [int(k) for k in a.cross_layer.split(",") if k]
-    except ValueError:
-        sys.exit(f"--cross-layer takes comma-separated integers, got {a.cross_layer!r}")
-    if any(k < 1 or k >= a.layers for k in cross):
-        sys.exit(f"--cross-layer values must be between 1 and --layers - 1 ({a.layers - 1}), got {a.cross_layer}")
+        only = re.compile(a.only) if a.only else None
+    except re.error as e:
+        sys.exit(f"--only {a.only!r} is not a regular expression: {e}")
     results = json.loads(a.json.read_text())["rows"] if a.resume and a.json.is_file() else []
     done = {r["row"] for r in results}
-    todo = [row for row in rows(a.methods.split(","), a.refine, cross) if label(row) not in done]
+    todo = [row for row in ROW_SETS[a.set]
+            if " ".join(row) not in done and (only is None or only.search(" ".join(row)))]
     if not todo:
-        print(f"nothing to run: every row is in {a.json}")
+        print(f"nothing to run: every row of {a.set}{' matching --only' if only else ''} is in {a.json}")
     with tempfile.TemporaryDirectory() as tmp:
         fp = truncate(a.model, a.layers, Path(tmp) / "fp") if todo else None
         for row in todo:
             t0 = time.perf_counter()
-            print(f"{label(row)} ...", flush=True)
+            print(f"{' '.join(row)} ...", flush=True)
             with tempfile.TemporaryDirectory(dir=tmp) as row_tmp:
                 result = run_row(row, fp, a, Path(row_tmp))
             result["wall_seconds"] = time.perf_counter() - t0

@@ -1,5 +1,5 @@
-"""benchmarks/refine_cross_layer.py: the truncated model is the original's first layers, and a
-run on a tiny model writes one row per (method, refinement, cross-layer K) with real scores."""
+"""benchmarks/first_layers.py: the truncated model is the original's first layers, and a run on a
+tiny model writes one scored row per `rotq quantize` flag set, resumable."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("refine_cross_layer", ROOT / "benchmarks" / "refine_cross_layer.py")
+spec = importlib.util.spec_from_file_location("first_layers", ROOT / "benchmarks" / "first_layers.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
@@ -36,13 +36,14 @@ def test_truncated_model_keeps_the_first_layers(tiny_model_dir, tmp_path):
 
 def test_rows_and_their_scores(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
-    argv = ["refine_cross_layer.py", "--model", str(tiny_model_dir("llama")), "--layers", "2", "--methods", "rtn",
-            "--refine-steps", "3", "--nsamples", "2", "--seqlen", "32", "--windows", "2", "--eval-seqlen", "32",
-            "--json", str(out)]
+    argv = ["first_layers.py", "--set", "refine-cross-layer", "--only", "--method rtn", "--model",
+            str(tiny_model_dir("llama")), "--layers", "2", "--quantize-flags", "--refine-steps 3", "--nsamples", "2",
+            "--seqlen", "32", "--windows", "2", "--eval-seqlen", "32", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     rows = json.loads(out.read_text())["rows"]
-    assert [r["row"] for r in rows] == ["rtn --refine none", "rtn --refine lsi", "rtn --refine lsi --cross-layer 1"]
+    assert [r["row"].split("--method ")[1] for r in rows] == [
+        "rtn --refine none", "rtn --refine lsi", "rtn --refine lsi --cross-layer 1"]
     for r in rows:
         assert r["kl_vs_fp"] > 0 and 0 <= r["top1_agreement"] <= 1 and r["kl_tokens"] > 0
     assert rows[0]["refine_seconds_per_layer"] == [] and len(rows[2]["refine_seconds_per_layer"]) == 2
@@ -50,6 +51,3 @@ def test_rows_and_their_scores(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv + ["--resume"])
     monkeypatch.setattr(bench, "run_row", lambda *args: pytest.fail("--resume reran a finished row"))
     bench.main()
-    monkeypatch.setattr(sys, "argv", argv + ["--cross-layer", "2"])
-    with pytest.raises(SystemExit, match="between 1 and --layers - 1"):
-        bench.main()
