@@ -1,7 +1,8 @@
 """Accuracy table: perplexity of quantized variants of a model, with calibration cost.
 
-Each row runs the real CLI in a subprocess (`rotq quantize`, then `rotq eval` on WikiText-2
-test and the wikisum test split), so its wall time and peak RSS are those of a user's run.
+Each row calls the Python API: `quantize` in a fresh process of its own (so its peak RSS is the
+row's alone), with the row's `rotq quantize` flags read by the CLI's own parser, then `evaluate` on
+WikiText-2 test and the wikisum test split.
 Calibration text is wikisum train only. Prints a Markdown table and writes JSON.
 
     python benchmarks/accuracy.py --rows foundation --json benchmarks/results/foundation.json
@@ -13,9 +14,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import platform
 import re
-import subprocess
+import shutil
 import sys
 import tempfile
 import threading
@@ -69,16 +71,25 @@ ROW_SETS = {
 }
 
 
-def _rotq(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "rotq.quant.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+def _quantize(model: str, out: str, flags: tuple[str, ...], report: str) -> None:
+    """`rotq quantize MODEL -o OUT FLAGS` through the API (flags parsed as the CLI parses them)."""
+    from rotq.quant.api import quantize
+    from rotq.quant.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(["quantize", model, "-o", out, *flags])
+    quantize(model, out, recipe_from_args(args), report=report)
+
+
+def _quantize_in_own_process(*args) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        pool.submit(_quantize, *args).result()
 
 
 def _ppl(model: str, data: str, windows: int, seqlen: int, tmp: Path, device: str) -> float:
-    out = tmp / "ppl.json"
-    _rotq("eval", model, "--ppl", data, "--windows", str(windows), "--seqlen", str(seqlen),
-          "--device", device, "--json", str(out))
-    return json.loads(out.read_text())["ppl"]
+    from rotq.quant.evaluation import evaluate
+
+    return evaluate(model, data, windows=windows, seqlen=seqlen, device=device).ppl
 
 
 def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
@@ -89,10 +100,10 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
         model, report = str(tmp / "q"), tmp / "report.json"
         reuse = ("--rotation-file", str(a.rotation_file)) if a.rotation_file and rotation == "spinquant" else ()
         t0 = time.perf_counter()
-        _rotq("quantize", a.model, "-o", model, "--scheme", scheme, "--rotation", rotation,
-              "--method", method, "--calib", "wikisum", "--nsamples", str(a.nsamples),
-              "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--device", a.device, "--report", str(report),
-              *extra, *reuse)
+        _quantize_in_own_process(a.model, model, ("--scheme", scheme, "--rotation", rotation, "--method", method,
+                                                  "--calib", "wikisum", "--nsamples", str(a.nsamples), "--seqlen",
+                                                  str(a.seqlen), "--seed", str(a.seed), "--device", a.device,
+                                                  *extra, *reuse), str(report))
         rep = json.loads(report.read_text())
         result = {"scheme": scheme, "rotation": rotation, "method": _label(method, extra),
                   "calib_seconds": rep["seconds"], "quantize_wall_seconds": time.perf_counter() - t0,
@@ -109,7 +120,7 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
     if a.train_ppl:  # the calibration text itself: a gap to the test columns is overfitting
         result["wikisum_train"] = _ppl(model, "wikisum:train", a.wikisum_windows, 2048, tmp, a.device)
     if row is not None:
-        subprocess.run(["rm", "-rf", model], check=True)
+        shutil.rmtree(model)
     return result
 
 

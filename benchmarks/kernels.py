@@ -22,6 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from rotq.quant.scheme import ActivationArgs
+
+ACT_CLIP = ActivationArgs.clip_ratio  # the W4A4 scheme's activation clip
+
 # (int8 dense TOPS, bf16 dense TFLOPS, memory TB/s); H100 SXM and H200 datasheet figures
 PEAKS = {"H100": (1979.0, 989.0, 3.35), "H200": (1979.0, 989.0, 4.8)}
 LINEARS = {
@@ -79,11 +83,11 @@ def linear_rows(a, bench, peaks):
                 w16 = torch.randn(N, K, device=dev, dtype=x.dtype) * 0.02
                 wp = pack_int32(torch.randint(-8, 8, (N, K), device=dev), 4, signed=True)
                 ws = torch.rand(N, 1, device=dev) * 0.01
-                aq, asc = act_quant(x, 0.9)
+                aq, asc = act_quant(x, ACT_CLIP)
                 flops = 2 * M * N * K
                 t_bf16 = bench(lambda: x @ w16.T)
                 t_gemm = bench(lambda: w4a4_gemm(aq, asc, wp, ws, out_dtype=x.dtype))
-                t_full = bench(lambda: w4a4_gemm(*act_quant(x, 0.9), wp, ws, out_dtype=x.dtype))
+                t_full = bench(lambda: w4a4_gemm(*act_quant(x, ACT_CLIP), wp, ws, out_dtype=x.dtype))
                 t_w16 = bench(lambda: w4a16_gemm(x, wp, ws))
                 floor_bf16 = max(flops / bf16_peak / 1e12, (2 * (M * K + N * K + M * N)) / bw / 1e12) * 1e3
                 floor_w4a4 = max(flops / int8_peak / 1e12, (M * K / 2 + N * K / 2 + 2 * M * N) / bw / 1e12) * 1e3
@@ -98,7 +102,7 @@ def linear_rows(a, bench, peaks):
                 for M in ([7] if a.smoke else [16, 2048, 8192]):
                     x = torch.randn(M, K, device=dev, dtype=torch.float32 if a.smoke else torch.bfloat16)
                     t_copy = bench(lambda: x.clone())
-                    t_hq = bench(lambda: hadamard_act_quant(x, 0.9))
+                    t_hq = bench(lambda: hadamard_act_quant(x, ACT_CLIP))
                     bytes_ = 2 * M * K + M * K / 2
                     rows.append({"model": model, "layer": f"{name} input", "M": M, "N": 0, "K": K,
                                  "kernel": "hadamard_act_quant", "ms": t_hq, "gbps": bytes_ / t_hq / 1e6,

@@ -33,11 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rotq.quant.scheme import ActivationArgs, KVCacheArgs
+
 SHAPES = {
     "llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336),
     "smoke": dict(hidden=128, heads=2, kv_heads=1, head_dim=64, inter=384),
 }
-ACT_CLIP, KV_CLIP, PAGE = 0.9, 0.95, 16
+ACT_CLIP, KV_CLIP = ActivationArgs.clip_ratio, KVCacheArgs.clip_ratio  # the W4A4KV4 scheme's
+PAGE = 16
 CONFIGS = ("bf16", "rotq W4A4", "rotq W4A4KV4")
 
 

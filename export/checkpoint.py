@@ -142,9 +142,9 @@ def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, 
 
 @contextlib.contextmanager
 def write_checkpoint(model, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, quant_config: dict,
-                     out: Path, max_shard_size: str):
-    """Atomically write config (with ``quant_config``), sharded safetensors and tokenizer into
-    ``out``; yields the temporary directory for further files."""
+                     out: Path, max_shard_size: str, files: Mapping[str, str] | None = None):
+    """Atomically write config (with ``quant_config``), sharded safetensors, tokenizer and
+    ``files`` (text by file name) into ``out``; yields the temporary directory for further files."""
     limit = shard_bytes(max_shard_size)
     with atomic_directory(out) as tmp:
         _write_shards(tensors, tmp, limit)
@@ -158,4 +158,6 @@ def write_checkpoint(model, tensors: Iterable[tuple[str, torch.Tensor]], tokeniz
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         yield tmp

@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints that stock vLLM serves without the rotq plugin.
 
-What each export keeps and loses (vLLM 0.32, notes/vllm.md §6 and §8):
+What each export keeps and loses (vLLM 0.32; docs/design.md, "Checkpoint formats"):
 
 * **W4A16** (``pack-quantized`` int weights, symmetric, per channel or group): served by
   vLLM's mixed-precision kernels on CUDA and by ``CPUWNA16LinearKernel`` on CPU (K and N
@@ -68,8 +68,9 @@ def quantization_config(scheme: Scheme) -> dict:
 
 
 def save_compressed_tensors(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Scheme,
-                            out, max_shard_size: str = "5GB") -> None:
-    """Write the calibrated model as a compressed-tensors checkpoint, atomically."""
+                            out, max_shard_size: str = "5GB", files: dict[str, str] | None = None) -> None:
+    """Write the calibrated model as a compressed-tensors checkpoint, atomically; ``files``:
+    further text files by name (the model card)."""
     check_exportable(scheme)
     r4 = hadamard_matrix(model.config.intermediate_size, torch.float32) if scheme.rotation.r4 else None
 
@@ -80,5 +81,5 @@ def save_compressed_tensors(model, weights: dict[str, QuantizedWeight], tokenize
         return out
 
     state = packed_tensors(model, weights, scheme, extra)
-    with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size):
+    with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size, files):
         pass

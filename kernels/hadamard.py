@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rotq.quant.hadamard import _base, _split
+from rotq.quant.hadamard import base_factor, split_size
 
 _RINT = tl.constexpr(12582912.0)
 
@@ -77,7 +77,7 @@ def _plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
 
 @functools.lru_cache(maxsize=None)
 def _plan_cached(n: int, device: str) -> tuple[int, int, int, torch.Tensor | None]:
-    split = _split(n)
+    split = split_size(n)
     if split is None:
         raise ValueError(f"no Hadamard matrix of size {n} (need 2^m · K, K in 1, 12, 20, 28, 36, ...)")
     k, p = split
@@ -87,7 +87,7 @@ def _plan_cached(n: int, device: str) -> tuple[int, int, int, torch.Tensor | Non
     at = None
     if k > 1:
         at = torch.zeros(kp, kp, dtype=torch.float32)
-        at[:k, :k] = _base(k).T.float()
+        at[:k, :k] = base_factor(k).T.float()
         at = at.to(device)
     return k, p, kp, at
 

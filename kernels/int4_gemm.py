@@ -2,15 +2,15 @@
 
 * ``act_quant``: per-token symmetric int4 quantization (scale = clip · max|x| / 7, codes
   round-half-even, clamped to [−8, 7]) packed two per byte, element 2j in the low nibble, stored
-  as q + 8 — the same uint4b8 convention as the weights (``packing.py``).
+  as q + 8 — the same uint4b8 convention as the weights (``packing.pack_int4``).
 * ``w4a4_gemm``: packed int4 activations × packed int4 weights [N, K/8]: both unpacked to int8
   in registers, int8 ``tl.dot`` with int32 accumulation, then per-token × per-channel scales
   (per group: each K-block's int32 partial sum is scaled by its group's scales).
 * ``w4a16_gemm``: 16/32-bit activations × packed int4 weights dequantized in registers.
 
 Hopper has no int4 MMA and ``tl.dot`` takes no int4 operands, hence int8 after unpacking
-(notes/vllm.md §8). The references compute in float64 so kernels are compared against exact
-arithmetic. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); vLLM calls
+(docs/design.md, "Numerics that must agree"). The references compute in float64 so kernels are
+compared against exact arithmetic. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); vLLM calls
 them only on CUDA.
 """
 
@@ -19,6 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from rotq.kernels.packing import unpack_int4, unpack_int32
+from rotq.quant.quantizer import activation_grid
+from rotq.quant.scheme import ActivationArgs
 
 _RINT = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + c) - c rounds half to even in float32 for |v| < 2**22
 
@@ -35,24 +39,12 @@ def _blocks(M: int) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- act_quant
 
 def act_quant_reference(x: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [M, K] in [−8, 7], scale float32 [M]) of rows of x, computed in float32."""
-    x = x.float().reshape(-1, x.shape[-1])
-    scale = x.abs().amax(dim=1) * clip_ratio / 7.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.clamp(torch.round(x / scale[:, None]), -8, 7).to(torch.int8)
-    return codes, scale
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [M, K] (K even) → uint8 [M, K/2], element 2j low nibble, stored as q + 8."""
-    u = (codes.to(torch.int16) + 8).to(torch.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    lo = (packed & 0xF).to(torch.int8) - 8
-    hi = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    """(codes int8 [M, K] in [−8, 7], scale float32 [M]) of rows of x, computed in float32: the
+    calibration's activation quantizer (``rotq.quant.quantizer.activation_grid``, symmetric int4);
+    ``pack_int4(codes, signed=True)`` is what :func:`act_quant` stores."""
+    rows = x.float().reshape(-1, x.shape[-1])
+    grid = activation_grid(rows, ActivationArgs(bits=4, symmetric=True, clip_ratio=clip_ratio))
+    return grid.quantize(rows).to(torch.int8), grid.scale.reshape(-1)
 
 
 @triton.jit
@@ -102,9 +94,7 @@ def act_quant(x: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.T
 
 def w4a4_gemm_reference(a_packed, a_scale, w_packed, w_scale) -> torch.Tensor:
     """float64 [M, N] = (a_codes · s_tok) @ (w_codes · s_w)ᵀ, with w_scale [N, K/G]."""
-    from rotq.kernels.packing import unpack_int32
-
-    a = unpack_nibbles(a_packed).double() * a_scale.double()[:, None]
+    a = unpack_int4(a_packed, signed=True).double() * a_scale.double()[:, None]
     w = unpack_int32(w_packed, 4, signed=True).double()
     N, K = w.shape
     G = K // w_scale.shape[1]
@@ -113,8 +103,6 @@ def w4a4_gemm_reference(a_packed, a_scale, w_packed, w_scale) -> torch.Tensor:
 
 
 def w4a16_gemm_reference(x, w_packed, w_scale) -> torch.Tensor:
-    from rotq.kernels.packing import unpack_int32
-
     w = unpack_int32(w_packed, 4, signed=True).double()
     N, K = w.shape
     G = K // w_scale.shape[1]

@@ -7,7 +7,7 @@ a page's bytes contiguous). rotq reads a page as three regions, with S = H_kv ·
 (token, head) rows, row r = head · block_size + slot:
 
     codes   uint8   [S, D]   K codes (D/2 bytes, element 2j in the low nibble, 2j + 1 in the
-                             high) then V codes, the same way
+                             high: ``packing.pack_int4``, unsigned) then V codes, the same way
     scales  float32 [S, 2]   K scale, V scale
     zeros   uint8   [S]      K zero point (low nibble), V zero point (high nibble)
 
@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rotq.kernels.packing import pack_int4, unpack_int4
 from rotq.quant.quantizer import kv_grid
 from rotq.quant.scheme import KVCacheArgs
 
@@ -107,14 +108,6 @@ def kv_quantize_reference(x: torch.Tensor, clip_ratio: float, symmetric: bool = 
     return codes.to(torch.uint8).reshape(x.shape), grid.scale.reshape(lead), zero.reshape(lead)
 
 
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
-
-
 def kv_store_reference(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
                        clip_ratio: float, symmetric: bool = False) -> None:
     """Quantize key and value [T, H_kv, D] into ``cache`` at ``slot_mapping`` [T]."""
@@ -124,7 +117,7 @@ def kv_store_reference(key: torch.Tensor, value: torch.Tensor, cache: torch.Tens
     blocks, slots = slot_mapping // bs, slot_mapping % bs
     kq, ks, kz = kv_quantize_reference(key, clip_ratio, symmetric)
     vq, vs, vz = kv_quantize_reference(value, clip_ratio, symmetric)
-    codes[blocks, :, slots] = torch.cat([_pack(kq), _pack(vq)], dim=-1)
+    codes[blocks, :, slots] = torch.cat([pack_int4(kq, signed=False), pack_int4(vq, signed=False)], dim=-1)
     scales[blocks, :, slots] = torch.stack([ks, vs], dim=-1)
     zeros[blocks, :, slots] = kz.to(torch.uint8) | (vz.to(torch.uint8) << 4)
 
@@ -132,8 +125,8 @@ def kv_store_reference(key: torch.Tensor, value: torch.Tensor, cache: torch.Tens
 def _dequantize(codes, scales, zeros):
     half = codes.shape[-1] // 2
     kz, vz = (zeros & 0xF).float()[..., None], (zeros >> 4).float()[..., None]
-    K = (_unpack(codes[..., :half]).float() - kz) * scales[..., 0:1]
-    V = (_unpack(codes[..., half:]).float() - vz) * scales[..., 1:2]
+    K = (unpack_int4(codes[..., :half], signed=False).float() - kz) * scales[..., 0:1]
+    V = (unpack_int4(codes[..., half:], signed=False).float() - vz) * scales[..., 1:2]
     return K, V
 
 

@@ -6,6 +6,10 @@ int32 in bits ``container·j`` and up (lowest index in the lowest bits). Signed 
 q ∈ [−2^(b−1), 2^(b−1) − 1] are stored offset by 2^(container−1) (uint4b8 for int4), unsigned
 codes as they are. This is byte-identical to compressed-tensors' ``pack_to_int32`` for 4 and 8
 bits, so the same tensors serve the rotq format and compressed-tensors ``pack-quantized``.
+
+The kernels' activations and KV cache hold int4 codes two per byte instead
+(:func:`pack_int4`): uint8 [..., K / 2], element 2j in the low nibble and 2j + 1 in the high
+one, the same nibble order as in the int32 words; signed codes again stored as q + 8 (uint4b8).
 """
 
 from __future__ import annotations
@@ -51,3 +55,22 @@ def unpack_int32(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     u = (packed.unsqueeze(-1) >> shifts) & (2**c - 1)
     u = u.reshape(*packed.shape[:-1], packed.shape[-1] * f)
     return u - 2 ** (c - 1) if signed else u
+
+
+def pack_int4(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Pack int4 codes [..., K] (K even; any integer dtype; signed: [−8, 7], else [0, 15]) into
+    uint8 [..., K / 2], element 2j in the low nibble, signed codes stored as q + 8. Codes out of
+    range are not checked (this runs on the serving path); they wrap."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"the last dimension ({codes.shape[-1]}) must be even to pack int4 codes two per byte")
+    u = (codes.to(torch.int16) + 8).to(torch.uint8) if signed else codes.to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [..., K / 2] → codes [..., K], int8 in [−8, 7] when
+    signed, else uint8 in [0, 15]."""
+    lo, hi = packed & 0xF, packed >> 4
+    if signed:
+        lo, hi = lo.to(torch.int8) - 8, hi.to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

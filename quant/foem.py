@@ -1,7 +1,7 @@
 """FOEM: GPTQ with a first-order term for the drift of the latent weights from W0.
 
 Zheng et al., "First-Order Error Matters: Accurate Compensation for Quantized Large Language
-Models", AAAI 2026 (https://arxiv.org/abs/2507.11017); math in notes/algorithms.md §6,
+Models", AAAI 2026 (https://arxiv.org/abs/2507.11017); math in docs/algorithms.md#foem,
 implemented from the equations only (the reference code carries no licence).
 
 After many compensations the latent W has moved away from W0 (the weights at solve start), so

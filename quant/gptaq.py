@@ -1,7 +1,7 @@
 """GPTAQ ("GPTQv2"): GPTQ with an asymmetric target, fitting ``W X ≈ Q X̃``.
 
 Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration", ICML 2025
-(https://arxiv.org/abs/2504.02692); math in notes/algorithms.md §5, implemented from the
+(https://arxiv.org/abs/2504.02692); math in docs/algorithms.md#gptaq, implemented from the
 equations only (the reference code carries no licence).
 
 X̃ are a linear's inputs in the partially quantized model, X those along the full-precision

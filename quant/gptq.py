@@ -1,10 +1,10 @@
 """GPTQ: column-by-column optimal-brain-surgeon rounding with lazy block updates.
 
 Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers", ICLR 2023 (https://arxiv.org/abs/2210.17323); math in notes/algorithms.md §4.
+Transformers", ICLR 2023 (https://arxiv.org/abs/2210.17323); math in docs/algorithms.md#gptq.
 Minimises ||W X - Q X||_F^2 given H = 2/N sum x x^T. Pure function of (W, H): the pipeline
 collects H, this module only solves. Dynamic groups are fitted on the current (updated) weights
-of the block, not on stale ones as in the reference code (algorithms.md §4, quirk).
+of the block, not on stale ones as in the reference code (docs/algorithms.md#gptq).
 
 The GPTQ-family methods (GPTAQ, FOEM, ResComp: gptaq.py, foem.py, rescomp.py) are the same loop
 plus extra update terms. They plug in as a ``Correction`` whose hooks add those terms; without
@@ -88,7 +88,7 @@ class SolveContext:
 
 
 class Correction:
-    """Extra update terms of a GPTQ-family method (algorithms.md §5-§8). Hooks see the solve's
+    """Extra update terms of a GPTQ-family method (docs/algorithms.md, GPTAQ to ResComp). Hooks see the solve's
     column order; the current column is local j of the block starting at i1 (global i1 + j).
     The base class adds nothing; subclasses override what they need."""
 

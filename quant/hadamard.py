@@ -16,7 +16,8 @@ import math
 
 import torch
 
-__all__ = ["is_hadamard_size", "hadamard_matrix", "random_hadamard_matrix", "apply_hadamard", "prepare_hadamard"]
+__all__ = ["is_hadamard_size", "hadamard_matrix", "random_hadamard_matrix", "apply_hadamard", "prepare_hadamard",
+           "split_size", "base_factor"]
 
 # Largest Paley factor K. A bigger K would make the "fast" transform a dense K x K matmul
 # (e.g. 11008 = 5504 * 2 with Paley I, q = 5503) and its construction check O(K^3).
@@ -42,8 +43,10 @@ def _paley_kind(k: int) -> tuple[str, int] | None:
     return None
 
 
-def _split(n: int) -> tuple[int, int] | None:
-    """n = K * 2^m with the smallest constructible K (1 or a Paley order); None if impossible."""
+def split_size(n: int) -> tuple[int, int] | None:
+    """(K, 2^m) with n = K * 2^m and the smallest constructible K (1 or a Paley order); None if
+    impossible. H_n = H_K (x) H_{2^m}: the factorisation the fast transforms (here and the Triton
+    kernel) apply."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return None
     m = (n & -n).bit_length() - 1  # largest power of two dividing n
@@ -65,7 +68,7 @@ def _unsupported(n: object) -> ValueError:
 
 def is_hadamard_size(n: int) -> bool:
     """True if hadamard_matrix(n) can be built (n = K * 2^m, K = 1 or a Paley order)."""
-    return _split(n) is not None
+    return split_size(n) is not None
 
 
 def _jacobsthal(q: int) -> torch.Tensor:
@@ -107,33 +110,36 @@ def _sylvester(n: int) -> torch.Tensor:
 _FACTORS: dict[int, torch.Tensor] = {}
 
 
-def _base(k: int) -> torch.Tensor:
-    """The K x K factor (float64, cached); kept small so the fast path can reuse it. A plain
+def base_factor(k: int) -> torch.Tensor:
+    """H_K, the K x K factor of :func:`split_size` (float64, cached: do not modify it in place;
+    ones(1, 1) for K = 1); kept small so the fast path can reuse it. A plain
     dict rather than lru_cache: torch.compile inlines lru_cache'd functions (rebuilding the
     factor inside the trace) but reads a dict entry as a constant."""
     factor = _FACTORS.get(k)
     if factor is None:
+        if k != 1 and _paley_kind(k) is None:
+            raise ValueError(f"{k} is not a base order (1 or a Paley order, see split_size)")
         factor = _FACTORS[k] = torch.ones(1, 1, dtype=torch.float64) if k == 1 else _paley(k)
     return factor
 
 
 @functools.lru_cache(maxsize=16)
 def _build(n: int) -> torch.Tensor:
-    split = _split(n)
+    split = split_size(n)
     if split is None:
         raise _unsupported(n)
     k, p = split
-    return torch.kron(_base(k), _sylvester(p))
+    return torch.kron(base_factor(k), _sylvester(p))
 
 
 def prepare_hadamard(n: int) -> None:
     """Build and cache the factors of size n now. Under torch.compile (vLLM compiles the model)
     the first call would run the construction on fake tensors, whose exactness check is
     data-dependent and cannot be traced; serving calls this while loading weights."""
-    split = _split(n)
+    split = split_size(n)
     if split is None:
         raise _unsupported(n)
-    _base(split[0])
+    base_factor(split[0])
     for d in _chunks(split[1]):
         _sylvester_factor(d)
 
@@ -155,7 +161,7 @@ _SYLVESTER_CHUNK = 128  # largest Sylvester factor applied as one matmul
 
 
 def _sylvester_factor(d: int) -> torch.Tensor:
-    """H_d (Sylvester, float64, cached in a plain dict for the same reason as :func:`_base`)."""
+    """H_d (Sylvester, float64, cached in a plain dict for the same reason as :func:`base_factor`)."""
     factor = _FACTORS.get(-d)
     if factor is None:
         factor = _FACTORS[-d] = _sylvester(d)
@@ -217,7 +223,7 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """
     width = x.shape[-1]
     n = width if n is None else n
-    split = _split(n)
+    split = split_size(n)
     if split is None:
         raise _unsupported(n)
     if width % n != 0:
@@ -226,5 +232,5 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     y = _sylvester_apply(x.reshape(*lead, width // n, k, p))
     if k > 1:
-        y = torch.einsum("...ib,ia->...ab", y, _placed(_base(k), k, x.device, torch.float64))
+        y = torch.einsum("...ib,ia->...ab", y, _placed(base_factor(k), k, x.device, torch.float64))
     return (y * (1.0 / math.sqrt(n))).reshape(*lead, width).to(x.dtype)

@@ -1,4 +1,4 @@
-"""Input statistics of a linear, collected layer by layer (notes/algorithms.md §1, §3).
+"""Input statistics of a linear, collected layer by layer (docs/algorithms.md#hessian-statistics).
 
 H = 2/N_seq Σ x̃ x̃ᵀ from the inputs x̃ of the partially quantized model and, for methods that
 fit the full-precision trajectory (GPTAQ, QEP, ResComp), D = 2/N_seq Σ (x − x̃) x̃ᵀ with x the

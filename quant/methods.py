@@ -3,7 +3,7 @@
 A method string joins methods with '+': "gptq", "rtn", "gptaq", "foem", "qep", "rescomp",
 "gptaq+foem", "qep+gptq", "qep+gptaq", "gptaq+rescomp", ... (any order). It parses into a
 ``SolverPlan``: an optional QEP pre-correction of W, then one solver. The GPTQ-family terms
-combine as notes/algorithms.md §5-§8 allow:
+combine as docs/algorithms.md ("How methods compose") allows:
 
 * gptaq+foem: FOEM with GPTAQ's asymmetric term (alpha from ``FOEMOptions.alpha``).
 * gptaq+rescomp: ResComp, which already contains GPTAQ's term (alpha from ``ResCompOptions``).
@@ -103,18 +103,9 @@ def _check_pair(a: str, b: str) -> None:
         why = f"'{other}' already is GPTQ plus its own update term; write '{other}'"
     elif (a, b) == ("foem", "rescomp"):
         why = ("both add the compensation-aware term (W0 - W): FOEM 6b's error term is ResComp's "
-               "R term with beta <-> alpha2 (notes/algorithms.md §8); use 'gptaq+foem' or 'rescomp'")
+               "R term with beta <-> alpha2 (docs/algorithms.md, ResComp); use 'gptaq+foem' or 'rescomp'")
     if why is not None:
         raise RotqError(f"'{a}' and '{b}' cannot be combined: {why}")
-
-
-def check_method(name: str) -> str:
-    """Validate a method string (RotqError if it does not parse) and return its canonical name."""
-    return parse_method(name).name
-
-
-def needs_data(method: str) -> bool:
-    return parse_method(method).needs_data
 
 
 def solve(method: str, W: torch.Tensor, H: torch.Tensor | None, args: WeightArgs,

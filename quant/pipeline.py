@@ -1,4 +1,4 @@
-"""Sequential, layer-by-layer calibration (notes/algorithms.md §3).
+"""Sequential, layer-by-layer calibration (docs/algorithms.md, "Sequential calibration").
 
 Fuse norms and fold rotations, install the online ops (activation and KV quantizers, R3, R4),
 then for each decoder layer and each group of linears that share an input ("true sequential"):
@@ -24,13 +24,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
-import os
 import resource
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,17 +36,18 @@ from tqdm.auto import tqdm
 from rotq.quant.act_clip import ClipSearchOptions, search_activation_clip, with_activation_clip
 from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
 from rotq.quant.distributed import SINGLE, Ranks
-from rotq.quant.errors import RotqError
 from rotq.quant.heap import release_freed_heap
 from rotq.quant.hessian import group_statistics
-from rotq.quant.methods import MethodOptions, check_method, parse_method, solve
+from rotq.quant.methods import MethodOptions, SolverPlan, parse_method, solve_plan
 from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.quantizer import QuantizedWeight, compact_codes
 from rotq.quant.refine import RefineOptions, RefineReport, check_refine, refine_layer
-from rotq.quant.rotation import (RotationMatrices, apply_rotations, fuse_layer_norms, fuse_norms, rotate_layer,
+from rotq.export.rotations_file import RotationMatrices
+from rotq.quant.rotation import (apply_rotations, fuse_layer_norms, fuse_norms, rotate_layer,
                                  rotation_matrices)
 from rotq.quant.scheme import Scheme
 from rotq.quant.staged import StagedLayer
+from rotq.quant.trajectory import disk_buffer, trajectory_buffer
 
 if TYPE_CHECKING:
     from rotq.quant.offload import Offload
@@ -63,7 +60,7 @@ logger = logging.getLogger(__name__)
 class CalibrationConfig:
     """How to calibrate (not part of the scheme: recorded for provenance only)."""
 
-    method: str = "gptq"  # a method string of methods.py, e.g. "gptq", "gptaq+foem"
+    method: SolverPlan | str = "gptq"  # a plan, or a method string of methods.py ("gptq", "gptaq+foem")
     options: MethodOptions = field(default_factory=MethodOptions)
     act_quant_calibration: bool = True  # H sees activations/KV quantized as at inference
     batch_size: int = 8
@@ -78,6 +75,10 @@ class CalibrationConfig:
     act_clip_search: ClipSearchOptions | None = None
     # Learned weight refinement of each layer before its linears are solved (refine.py).
     refine: RefineOptions = field(default_factory=RefineOptions)
+
+    def __post_init__(self):
+        if isinstance(self.method, str):  # parsed once, here
+            object.__setattr__(self, "method", parse_method(self.method))
 
 
 @dataclass
@@ -165,15 +166,10 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     saves progress after each layer and, when it holds completed layers, skips them; ``ranks``:
     this process's place among torchrun's (every rank passes the same ``calib_ids``); ``offload``:
     the decoder layers' linears are on disk (offload.py) and the quantized weights go there."""
-    plan = parse_method(check_method(cfg.method))
-    if ranks.distributed and state is not None:
-        raise RotqError("saving calibration state (--resume) works in one process only; run without torchrun")
-    if offload is not None and cfg.act_clip_search is not None:
-        raise RotqError("--offload streams the layers from disk, so it cannot fit the activation clip on the "
-                        "whole model (give --a-clip RATIO)")
-    check_refine(cfg.refine, ranks.distributed, offload is not None)
+    plan = cfg.method
+    check_refine(cfg.refine, ranks.distributed)
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
-    report = CalibrationReport(cfg.method, n, seqlen)
+    report = CalibrationReport(plan.name, n, seqlen)
     result = QuantizedModel(model, scheme, {} if offload is None else offload.weights, report)
     # An interrupted run's seconds count too: the clock starts that much earlier.
     clock = time.perf_counter() - (state.report["seconds"] if state is not None else 0.0)
@@ -188,7 +184,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     checkpoint = _Checkpoint(state, result, clock, offload)
     if plan.needs_data or cfg.refine.enabled:
         if calib_ids is None:
-            raise ValueError(f"method {cfg.method!r} (or --refine) needs calibration data")
+            raise ValueError(f"method {plan.name!r} (or --refine) needs calibration data")
         if not cfg.act_quant_calibration:
             install_online_ops(model, _without_quantizers(scheme))
         ranks.check_shardable(n, cfg.batch_size, "calibration sequences")
@@ -196,7 +192,7 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
         install_online_ops(model, scheme)
     else:
         layers = decoder_layers(model)
-        bar = _layer_bar(layers, checkpoint.start, f"Quantizing ({cfg.method})", ranks)
+        bar = _layer_bar(layers, checkpoint.start, f"Quantizing ({plan.name})", ranks)
         for i, layer in enumerate(bar, checkpoint.start):
             stream.enter(i, layer)
             _solve_group(i, list(layer_linears(layer)), layer, None, None, cfg, result, ranks)
@@ -273,14 +269,14 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
     else:
         shard = calib_ids[ranks.shard(calib_ids.shape[0], cfg.batch_size)]
         inps = fp_inps = _embed(model, shard, cfg.batch_size, device)
-    fp_inps = _trajectory_buffer(fp_inps, cfg.trajectory_dir) if fp_trajectory else None
+    fp_inps = trajectory_buffer(fp_inps, cfg.trajectory_dir) if fp_trajectory else None
     position_ids = torch.arange(calib_ids.shape[1], device=device).unsqueeze(0)
     rotary = model.model.rotary_emb.to(device)
     position_embeddings = rotary(inps[:1], position_ids)
     forward = dict(position_ids=position_ids, position_embeddings=position_embeddings,
                    attention_mask=None, use_cache=False)
     layers = decoder_layers(model)
-    bar = _layer_bar(layers, checkpoint.start, f"Calibrating ({cfg.method})", ranks)
+    bar = _layer_bar(layers, checkpoint.start, f"Calibrating ({plan.name})", ranks)
     for i, layer in enumerate(bar, checkpoint.start):
         stream.enter(i, layer)
         layer.to(device)
@@ -302,7 +298,7 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
         if fp_trajectory:  # its kept attention output lives where the trajectory does
             allocate = None
             if cfg.trajectory_dir is not None:
-                allocate = functools.partial(_disk_buffer, dtype=fp_inps.dtype, directory=cfg.trajectory_dir)
+                allocate = functools.partial(disk_buffer, dtype=fp_inps.dtype, directory=cfg.trajectory_dir)
             fp_staged = StagedLayer(fp_layer, fp_inps, forward, cfg.batch_size, allocate)
         for g, group in enumerate(LINEAR_GROUPS):
             H = D = None
@@ -327,29 +323,6 @@ def _full_precision_copy(layer: nn.Module, scheme: Scheme) -> nn.Module:
     fp_layer = copy.deepcopy(layer)
     install_layer_ops(fp_layer, _without_quantizers(scheme))
     return fp_layer
-
-
-def _trajectory_buffer(inps: torch.Tensor, directory: str | None) -> torch.Tensor:
-    """A copy of ``inps``: in RAM, or in an unlinked memory-mapped file under ``directory``."""
-    if directory is None:
-        return inps.clone()
-    if inps.device.type != "cpu":
-        raise RotqError("the full-precision trajectory can live on disk only when calibrating on the CPU "
-                        "(--device cpu); drop --trajectory-dir")
-    return _disk_buffer(tuple(inps.shape), inps.dtype, directory).copy_(inps)
-
-
-def _disk_buffer(shape: tuple[int, ...], dtype: torch.dtype, directory: str) -> torch.Tensor:
-    """An uninitialised CPU tensor in an unlinked memory-mapped file under ``directory``."""
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=directory, prefix="rotq-fp-trajectory-", suffix=".bin")
-        os.close(fd)
-        buf = torch.from_file(name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-        os.unlink(name)  # the mapping stays valid; the disk space is released with the tensor
-    except OSError as e:
-        raise RotqError(f"cannot keep the full-precision trajectory in {directory}: {e}") from None
-    return buf
 
 
 def _embed(model, calib_ids, batch_size, device) -> torch.Tensor:
@@ -388,7 +361,7 @@ def _solve_linear(name, lin: nn.Linear, H, D, cfg, scheme: Scheme) -> _Solved:
     W = lin.weight.data.float()
     to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
     Hs = to_w(H)
-    result = solve(cfg.method, W, Hs, scheme.weights, cfg.options, D=to_w(D), name=name)
+    result = solve_plan(cfg.method, W, Hs, to_w(D), scheme.weights, cfg.options, name)
     q = result.quantized  # codes kept in one byte each until export: a quarter of float32's memory
     weight = QuantizedWeight(compact_codes(q.codes.cpu()), q.scale.cpu(),
                              None if q.zero_point is None else q.zero_point.cpu(), q.group_size)

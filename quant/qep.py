@@ -1,7 +1,7 @@
 """QEP (quantization error propagation): correct W for the input discrepancy, then quantize.
 
 Arai & Ichikawa, "Quantization Error Propagation: Revisiting Layer-Wise Post-Training
-Quantization", NeurIPS 2025 (https://arxiv.org/abs/2504.09629); math in notes/algorithms.md §7.
+Quantization", NeurIPS 2025 (https://arxiv.org/abs/2504.09629); math in docs/algorithms.md#qep.
 
 With H = 2/N Σ x̃ x̃ᵀ and D = 2/N Σ (x − x̃) x̃ᵀ (x along the full-precision trajectory, x̃ in
 the partially quantized model), the ridge problem min ||W X − W* X̃||² + λ ||W* − W||² has the

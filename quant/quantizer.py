@@ -1,7 +1,7 @@
 """Reference integer quantizers: weights (per channel or group, MSE clip search), activations
 (dynamic per token) and KV cache (dynamic per token and head).
 
-Conventions (notes/algorithms.md §2, design.md): a b-bit symmetric weight scale is
+Conventions (docs/algorithms.md#quantizer-conventions): a b-bit symmetric weight scale is
 max|w| / (2^(b-1) - 0.5) on the grid [-2^(b-1), 2^(b-1) - 1] (compressed-tensors); symmetric
 activations use clip * max|x| / (2^(b-1) - 1) (QuaRot); asymmetric quantizers stretch the range
 [min(x, 0), max(x, 0)] (times the clip ratio) over 2^b levels with an integer zero point.
@@ -187,6 +187,13 @@ def fake_quantize_activation(x: torch.Tensor, args: ActivationArgs, ste: bool = 
 def fake_quantize_kv(x: torch.Tensor, args: KVCacheArgs, ste: bool = False) -> torch.Tensor:
     """Quantize-dequantize K or V [..., D] per (token, head): one grid per head vector."""
     return _fake_quantize_rows(x, args.bits, args.symmetric, args.clip_ratio, ste)
+
+
+def activation_grid(rows: torch.Tensor, args: ActivationArgs) -> Grid:
+    """The activation quantizer's grid of each token (row) of rows [R, K]: ``grid.quantize(rows)``
+    gives the integer codes, ``grid.scale`` [R, 1] the per-token scales (kernels/int4_gemm.py's
+    reference; :func:`fake_quantize_activation` is ``grid.fake_quantize(rows)``)."""
+    return _row_grid(rows, args.bits, args.symmetric, args.clip_ratio)
 
 
 def kv_grid(rows: torch.Tensor, args: KVCacheArgs) -> Grid:

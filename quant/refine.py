@@ -1,5 +1,5 @@
 """CQE+-style learned weight refinement: a gradient-trained stage before the compensators
-(notes/algorithms.md §13). CQE+ (arXiv 2407.15508) publishes only its abstract; this is rotq's
+(docs/algorithms.md#refinement). CQE+ (arXiv 2407.15508) publishes only its abstract; this is rotq's
 formulation of it, written down here and in the README.
 
 Parameterisation. Each linear's weight W [N, K] is written from its thin SVD W = U diag(σ) Vᵀ
@@ -79,14 +79,11 @@ class RefineOptions:
         return self.kind != "none"
 
 
-def check_refine(opts: RefineOptions, distributed: bool, offloaded: bool) -> None:
-    """Refuse what refinement cannot do: training across processes, and the cross-layer term
-    without the next layers in memory."""
+def check_refine(opts: RefineOptions, distributed: bool) -> None:
+    """Refuse training across processes. (The cross-layer term's need for the next layers in memory,
+    which rules out --offload, is a recipe check.)"""
     if opts.enabled and distributed:
         raise RotqError("--refine trains in one process only; run without torchrun")
-    if opts.enabled and opts.cross_layer and offloaded:
-        raise RotqError("--cross-layer needs the next layers in memory, which --offload keeps on disk; drop one "
-                        "of them (--cross-layer 0 works with --offload)")
 
 
 class SingularRefinement(nn.Module):

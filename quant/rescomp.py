@@ -1,7 +1,7 @@
 """ResComp: GPTQ with a compensation-aware residual on top of GPTAQ's asymmetric term.
 
 Li et al., "Rethinking Residual Errors in Compensation-based LLM Quantization", ICLR 2026
-(https://arxiv.org/abs/2604.07955); math in notes/algorithms.md §8,
+(https://arxiv.org/abs/2604.07955); math in docs/algorithms.md#rescomp,
 implemented from the equations only (the reference code carries no licence).
 
 Each step's target is ``W_org X ≈ [Q_{≤i}, W_F] X̃``: besides the input discrepancy (GPTAQ's

@@ -44,10 +44,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from rotq.export.rotations_file import RotationMatrices, load_rotations, save_rotations
 from rotq.quant.arch import layer_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight, compact_codes
-from rotq.quant.rotation import RotationMatrices, load_rotations, save_rotations
 from rotq.quant.tensorfile import write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ def check_state_dir(directory: Path, resume: bool) -> None:
                         f"to continue it, or remove {directory} to start over")
 
 
+def _manifest_field(key: str, doc: str) -> property:
+    """A read-only view of one manifest entry."""
+    return property(lambda self: self.manifest[key], doc=doc)
+
+
 class CalibrationState:
     """The state directory of one run (see the module docstring); open it with :meth:`open`.
     ``resumed``: it holds an interrupted run's progress."""
@@ -132,22 +137,10 @@ class CalibrationState:
         state._commit()
         return state
 
-    @property
-    def layers_done(self) -> int:
-        return self.manifest["layers_done"]
-
-    @property
-    def act_clip_search(self) -> dict | None:
-        return self.manifest["act_clip_search"]
-
-    @property
-    def report(self) -> dict:
-        """{"seconds", "linears"}: the calibration report of the completed layers."""
-        return self.manifest["report"]
-
-    @property
-    def rotation_info(self) -> dict | None:
-        return self.manifest["rotation_info"]
+    layers_done = _manifest_field("layers_done", "decoder layers calibrated and saved (int)")
+    act_clip_search = _manifest_field("act_clip_search", "the fitted activation clip search, or None")
+    report = _manifest_field("report", '{"seconds", "linears"}: the calibration report of the completed layers')
+    rotation_info = _manifest_field("rotation_info", "provenance of the learned rotations, or None")
 
     def save_rotations(self, rotations: RotationMatrices, info: dict) -> None:
         self._write(ROTATIONS, lambda tmp: save_rotations(rotations, tmp))

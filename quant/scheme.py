@@ -2,7 +2,8 @@
 
 Calibration reads it to simulate the quantizers, export writes it into
 ``config.json["quantization_config"]`` and serving parses it back with :meth:`Scheme.from_dict`.
-Unknown keys and versions fail with a message that names the field (design.md, "One schema").
+Unknown keys and versions fail with a message that names the field
+(docs/design.md#one-schema-from-calibration-to-serving).
 Method options (damping, block size, sample counts) are not part of the scheme.
 """
 

@@ -2,7 +2,7 @@
 decoder layer) by Cayley SGD on the Stiefel manifold, against the W16A4KV4 next-token loss.
 
 Liu et al., "SpinQuant: LLM Quantization with Learned Rotations", ICLR 2025
-(https://arxiv.org/abs/2405.16406); notes/algorithms.md §9.5. Written from the math only.
+(https://arxiv.org/abs/2405.16406); docs/algorithms.md#spinquant. Written from the math only.
 
 The norms are fused into the weights first; the weights themselves are left untouched. Every
 step rebuilds the rotated weights as functions of R1 and R2, in the conventions of rotation.py
@@ -43,12 +43,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from rotq.export.rotations_file import RotationMatrices, orthogonality_error
 from rotq.quant.arch import attention_shape, decoder_layers
 from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
 from rotq.quant.online import install_online_ops, remove_online_ops
-from rotq.quant.rotation import RotationMatrices, fuse_norms, hadamard_rotations, orthogonality_error
+from rotq.quant.rotation import fuse_norms, hadamard_rotations
 from rotq.quant.scheme import Scheme
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from rotq.kernels.linear import dequantize_packed, quantized_linear, quantized_l
 from rotq.kernels.packing import pack_factor
 from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme
-from rotq.serving.engine import KV4_DTYPE
+from rotq.serving.kv_cache_dtype import KV4_DTYPE
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from rotq.quant.perplexity import PerplexityResult
-
-KV4_DTYPE = "int4_per_token_head"  # vLLM's name for the int4 cache; rotq's plugin serves its own layout
+from rotq.serving.kv_cache_dtype import KV4_DTYPE
 
 
 @dataclass(frozen=True)
@@ -95,11 +94,26 @@ def prompt_logprobs(llm, windows: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def vllm_perplexity(llm, windows: torch.Tensor) -> PerplexityResult:
-    """The perplexity of :func:`rotq.quant.perplexity.perplexity`, computed by vLLM."""
+class VLLMPerplexity(NamedTuple):
+    """What :func:`vllm_perplexity` measured: the fields after ``ppl`` of
+    ``rotq.quant.perplexity.PerplexityResult``, in its order (``PerplexityResult.from_nll(*r)``)."""
+
+    nll: float  # mean negative log-likelihood per predicted token
+    tokens: int  # predicted tokens
+    windows: int
+    seqlen: int
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+def vllm_perplexity(llm, windows: torch.Tensor) -> VLLMPerplexity:
+    """The perplexity of :func:`rotq.quant.perplexity.perplexity` on ``windows`` [n, L], computed
+    by vLLM from prompt logprobs."""
     lps = torch.cat(prompt_logprobs(llm, windows))
     nll = float(-lps.mean())
-    return PerplexityResult(math.exp(nll), nll, lps.numel(), windows.shape[0], windows.shape[1])
+    return VLLMPerplexity(nll, lps.numel(), windows.shape[0], windows.shape[1])
 
 
 def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -44,7 +44,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode
 from rotq.kernels import kv4
 from rotq.quant.hadamard import apply_hadamard
 from rotq.quant.scheme import KVCacheArgs
-from rotq.serving.engine import KV4_DTYPE
+from rotq.serving.kv_cache_dtype import KV4_DTYPE
+
 DEFAULT_KV = KVCacheArgs(bits=4, symmetric=False, clip_ratio=1.0)
 
 

@@ -122,16 +122,13 @@ def test_rotation_file_is_passed_to_spinquant_rows_only(tmp_path, monkeypatch):
     records it; a missing file is a clear exit before anything runs."""
     quantized = []
 
-    def fake_rotq(*args):
-        if args[0] == "quantize":
-            quantized.append(args)
-            Path(args[args.index("--report") + 1]).write_text(json.dumps(
-                {"seconds": 1.0, "peak_rss_mb": 1.0, "linears": []}))
-        else:
-            Path(args[args.index("--json") + 1]).write_text(json.dumps({"ppl": 3.0}))
+    def fake_quantize(model, out, flags, report):
+        quantized.append(flags)
+        Path(report).write_text(json.dumps({"seconds": 1.0, "peak_rss_mb": 1.0, "linears": []}))
+        Path(out).mkdir()
 
-    monkeypatch.setattr(accuracy, "_rotq", fake_rotq)
-    monkeypatch.setattr(accuracy.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(accuracy, "_quantize_in_own_process", fake_quantize)
+    monkeypatch.setattr(accuracy, "_ppl", lambda *a: 3.0)
     out, text, rot = tmp_path / "rows.json", tmp_path / "wiki.test.raw", tmp_path / "rotations.safetensors"
     text.write_text("x")
     argv = ["accuracy.py", "--rows", "compensators-w4a4kv4", "--only", "^gptq", "--json", str(out),

@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rotq.export.rotq_format import load_rotq, quantized_linear_names, save_rotq
+from rotq.export.checkpoint import quantized_linear_names
+from rotq.export.rotq_format import save_rotq
 from rotq.quant.errors import RotqError
 from rotq.quant.models import load_model
 from rotq.quant.pipeline import CalibrationConfig, calibrate
+from rotq.quant.reference_model import load_rotq
 from rotq.quant.scheme import WeightArgs, preset
 
 

@@ -8,14 +8,12 @@ import torch
 from rotq.kernels.int4_gemm import (
     act_quant,
     act_quant_reference,
-    pack_nibbles,
-    unpack_nibbles,
     w4a4_gemm,
     w4a4_gemm_reference,
     w4a16_gemm,
     w4a16_gemm_reference,
 )
-from rotq.kernels.packing import pack_int32
+from rotq.kernels.packing import pack_int4, pack_int32, unpack_int4
 from rotq.quant.quantizer import fake_quantize_activation
 from rotq.quant.scheme import ActivationArgs
 
@@ -38,10 +36,10 @@ def test_act_quant_matches_reference_and_calibration(M, K):
     q, s = act_quant(x.to(DEVICE), 0.9)
     codes, scale = act_quant_reference(x, 0.9)
     torch.testing.assert_close(s.cpu(), scale, rtol=0, atol=0)
-    assert torch.equal(q.cpu(), pack_nibbles(codes))
+    assert torch.equal(q.cpu(), pack_int4(codes, signed=True))
     # and it is exactly the calibration's simulated quantizer
     fake = fake_quantize_activation(x, ActivationArgs(bits=4, clip_ratio=0.9))
-    torch.testing.assert_close(unpack_nibbles(q.cpu()).float() * s.cpu()[:, None], fake, rtol=0, atol=0)
+    torch.testing.assert_close(unpack_int4(q.cpu(), signed=True).float() * s.cpu()[:, None], fake, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("M,N,K,groups", [(1, 100, 576, 1), (7, 192, 1536, 1), (37, 70, 576, 9),

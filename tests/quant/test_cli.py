@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rotq.quant.cli import load_for_eval, main
+from rotq.quant.cli import main
+from rotq.quant.evaluation import load_for_eval
 from rotq.quant.data import eval_windows, load_text, tokenize_text
 from rotq.quant.perplexity import perplexity
 
@@ -198,7 +199,7 @@ def test_dead_input_channels_calibrate(tiny_model_dir, text_file, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rotq.export.rotq_format import load_rotq
+    from rotq.quant.reference_model import load_rotq
 
     dead = tmp_path / "dead"
     shutil.copytree(tiny_model_dir("llama"), dead)
@@ -274,7 +275,7 @@ def test_serve_picks_the_cpu_dtype_each_format_runs_in(tiny_model_dir, tmp_path,
 
 def test_method_flags_reach_the_solver(tiny_model_dir, text_file, tmp_path):
     """FOEM with --foem-beta 0 and QEP with --qep-alpha 0 are GPTQ bit for bit (the identities of
-    notes/algorithms.md) through the CLI, while FOEM's default beta is not."""
+    docs/algorithms.md) through the CLI, while FOEM's default beta is not."""
     import torch
     from safetensors.torch import load_file
 
@@ -290,18 +291,6 @@ def test_method_flags_reach_the_solver(tiny_model_dir, text_file, tmp_path):
         assert all(torch.equal(t, gptq[k]) for k, t in weights(name, *method).items()), name
     foem = weights("foem", "--method", "foem")
     assert any(not torch.equal(t, gptq[k]) for k, t in foem.items())
-
-
-def test_method_options_put_gptaq_alpha_where_its_solver_reads_it():
-    from rotq.quant.cli import QuantizeOptions, method_options
-
-    o = QuantizeOptions(gptaq_alpha=0.1, foem_variant="6a", foem_beta=0.01, rescomp_alpha2=None)
-    foem = method_options(o, "gptaq+foem")
-    assert (foem.foem.variant, foem.foem.beta, foem.foem.alpha, foem.gptaq.alpha) == ("6a", 0.01, 0.1, 0.25)
-    assert method_options(QuantizeOptions(gptaq_alpha=0.1), "gptaq").gptaq.alpha == 0.1
-    rescomp = method_options(QuantizeOptions(gptaq_alpha=0.1, rescomp_alpha2=0.5), "gptaq+rescomp")
-    assert (rescomp.rescomp.alpha, rescomp.rescomp.alpha2, rescomp.gptaq.alpha) == (0.1, 0.5, 0.25)
-    assert method_options(QuantizeOptions(qep_alpha=0.0), "qep+gptaq").qep.alpha == 0.0
 
 
 def test_refinement_through_the_cli(tiny_model_dir, text_file, tmp_path):

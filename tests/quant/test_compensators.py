@@ -1,4 +1,4 @@
-"""GPTAQ, FOEM, QEP, ResComp and their composition (notes/algorithms.md §1, §5-§8, §11).
+"""GPTAQ, FOEM, QEP, ResComp and their composition (docs/algorithms.md: "Notation", GPTAQ to ResComp, "Tests").
 
 Inputs are tokens in rows: X (full-precision trajectory) and X̃ (quantized model) are [T, K],
 H = 2/T X̃ᵀX̃ and D = 2/T (X − X̃)ᵀX̃, i.e. D[i, j] = 2/T Σ_t (x − x̃)_ti x̃_tj, the row form of
@@ -12,8 +12,8 @@ from rotq.quant.errors import RotqError
 from rotq.quant.foem import FOEMCorrection, FOEMOptions, foem_solve
 from rotq.quant.gptaq import GPTAQOptions, asymmetric_term, gptaq_solve
 from rotq.quant.gptq import Correction, GPTQOptions, SolveContext, damped_inverse_factor, gptq_solve
-from rotq.quant.methods import (NEEDS_FP_TRAJECTORY, MethodOptions, SolverPlan, check_method,
-                                needs_data, parse_method, solve)
+from rotq.quant.methods import (NEEDS_FP_TRAJECTORY, MethodOptions, SolverPlan,
+                                parse_method, solve)
 from rotq.quant.qep import QEPOptions, qep_correct
 from rotq.quant.quantizer import fit_weight_grid, quantize_weight_rtn
 from rotq.quant.rescomp import ResCompOptions, compensation_term, rescomp_solve
@@ -332,14 +332,15 @@ def test_unknown_methods_are_refused(method):
         parse_method(method)
 
 
-def test_flags_and_check_method():
+def test_plan_flags_and_canonical_names():
     assert [m for m, fp in NEEDS_FP_TRAJECTORY.items() if fp] == ["gptaq", "qep", "rescomp"]
     assert not parse_method("foem").needs_fp_trajectory
     assert parse_method("gptaq+foem").needs_fp_trajectory
-    assert not needs_data("rtn") and needs_data("qep+rtn") and needs_data("foem")
-    assert check_method("foem") == "foem" and check_method("qep") == "qep+gptq"
+    assert not parse_method("rtn").needs_data and parse_method("qep+rtn").needs_data
+    assert parse_method("foem").needs_data
+    assert parse_method("foem").name == "foem" and parse_method("qep").name == "qep+gptq"
     with pytest.raises(RotqError, match="unknown method 'awq'"):
-        check_method("gptaq+awq")
+        parse_method("gptaq+awq")
 
 
 def test_solve_entry_point():

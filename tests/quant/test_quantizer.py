@@ -29,7 +29,7 @@ def test_rtn_round_trip_bound_and_grid(bits, symmetric, group_size):
 
 
 def test_symmetric_scale_convention():
-    # max / (2^(b-1) - 0.5): the compressed-tensors convention of design.md
+    # max / (2^(b-1) - 0.5): the compressed-tensors convention (docs/algorithms.md, "Quantizer conventions")
     W = torch.tensor([[1.0, -3.75, 2.0, 0.5]], dtype=torch.float64)
     grid = fit_weight_grid(W, WeightArgs(bits=4, clip_search=False))
     assert grid.scale.item() == pytest.approx(3.75 / 7.5)

@@ -23,7 +23,7 @@ def _ppl(model, tmp_path, data="wikisum", windows=4, seqlen=1024):
 
 
 def test_fp_perplexity_matches_the_reference_protocol(tmp_path, request):
-    """assets.md: 29.185 on the first 8 x 1024 WikiText-2 test windows (no BOS, CRLF -> LF)."""
+    """docs/evaluation.md, "Reference figures": 29.185 on the first 8 x 1024 WikiText-2 test windows (no BOS, CRLF -> LF)."""
     wikitext2 = request.config.rootpath.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
     if not wikitext2.is_file():
         pytest.skip(f"WikiText-2 test file not found at {wikitext2}")

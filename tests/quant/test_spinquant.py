@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rotq.export.rotations_file import (
+    ROTATIONS_FILE, RotationMatrices, load_rotations, orthogonality_error, save_rotations,
+)
 from rotq.quant.cli import main
 from rotq.quant.errors import RotqError
 from rotq.quant.models import load_model
 from rotq.quant.online import install_online_ops
 from rotq.quant.pipeline import CalibrationConfig, calibrate
 from rotq.quant.quantizer import fake_quantize_activation, fake_quantize_kv
-from rotq.quant.rotation import (
-    ROTATIONS_FILE, RotationMatrices, apply_rotations, fuse_norms, hadamard_rotations, load_rotations,
-    orthogonality_error, save_rotations,
-)
+from rotq.quant.rotation import apply_rotations, fuse_norms, hadamard_rotations
 from rotq.quant.scheme import ActivationArgs, KVCacheArgs, Scheme, preset
 from rotq.quant.spinquant import SpinQuantOptions, cayley_step, learn_rotations, loss_and_gradients
 

@@ -18,9 +18,9 @@ pytest.importorskip("vllm")
 
 from reference import reference_greedy, reference_logprobs  # noqa: E402  (tests/serving/reference.py)
 
-from rotq.export.rotq_format import load_rotq  # noqa: E402
 from rotq.kernels.kv4 import row_bytes  # noqa: E402
 from rotq.quant.cli import main  # noqa: E402
+from rotq.quant.reference_model import load_rotq  # noqa: E402
 from rotq.serving.engine import (  # noqa: E402
     EngineOptions,
     close_engine,
