@@ -124,10 +124,10 @@ def test_bad_inputs(tiny_model_dir, text_file, tmp_path, capsys):
     _bad(_quantize_args(model, out, text_file, "--method", "qep+gptq", "--foem-beta", "0.1"), capsys,
          "--foem-beta does not apply to --method qep+gptq")
     _bad(_quantize_args(model, out, text_file, "--method", "foem", "--foem-variant", "6c"), capsys,
-         "--foem-variant must be one of 6b, 6a")
+         "unknown --foem-variant '6c'")
     _bad(_quantize_args(model, out, text_file, "--method", "gptaq", "--gptaq-alpha", "-1"), capsys,
          "--gptaq-alpha must be a number >= 0")
-    _bad(_quantize_args(model, out, text_file, "--refine", "lsi", "--refine-lr", "0"), capsys, "lr > 0")
+    _bad(_quantize_args(model, out, text_file, "--refine", "lsi", "--refine-lr", "0"), capsys, "--refine-lr must be positive")
     _bad(_quantize_args(model, out, text_file, "--rotation", "hadamard", "--a-clip", "0.9", "--refine", "sde",
                         "--cross-layer", "1", "--offload",
                         str(tmp_path / "scratch")), capsys, "--cross-layer needs the next layers in memory")
