@@ -37,6 +37,7 @@ class Evaluation:
     seqlen: int
     kl_vs_reference: float | None = None
     top1_agreement: float | None = None
+    kl_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
