@@ -1,20 +1,40 @@
-"""The quantized linear layer's arithmetic, in PyTorch: the reference that the Triton kernels
-must match and the path vLLM runs where they do not (CPU).
+"""The quantized linear layer's arithmetic and the choice of how to run it.
 
 ``quantized_linear`` computes exactly what calibration simulated (``rotq.quant.online``):
 optional online Hadamard of the whole input row, dynamic per-token fake quantization, then a
-GEMM with the dequantized integer weights.
+GEMM with the dequantized integer weights. It is the reference every fast path must match, and
+the path that runs where none applies.
+
+The fast paths, chosen once per layer by :func:`choose_linear_path`:
+
+- ``triton`` (CUDA): the Triton kernels on the packed int4 codes (kernels/int4_gemm.py);
+- ``int8`` (CPU): integer activation codes times integer weight codes through
+  ``torch._int_mm`` (oneDNN: VNNI / AMX on x86), exact int32 accumulation, the two scales
+  applied to the sums. The codes are the quantizers' own, so the result differs from the
+  reference only by float rounding in the epilogue.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from rotq.kernels.packing import unpack_int32
 from rotq.quant.hadamard import apply_hadamard
-from rotq.quant.quantizer import fake_quantize_activation
-from rotq.quant.scheme import ActivationArgs
+from rotq.quant.quantizer import activation_grid, fake_quantize_activation
+from rotq.quant.scheme import ActivationArgs, WeightArgs
+
+PATHS = ("triton", "int8", "dequant")
+
+
+class LinearPath(NamedTuple):
+    """How a quantized linear layer runs, and why not on a faster path (empty when it does)."""
+
+    name: str
+    reason: str = ""
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -43,10 +63,85 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.linear(x, weight, bias)
 
 
-def triton_supported(weight_bits: int, weight_symmetric: bool, act: ActivationArgs | None) -> bool:
-    """Whether :func:`quantized_linear_triton` covers a scheme: int4 symmetric weights with
-    16-bit activations or int4 symmetric per-token activations."""
-    return weight_bits == 4 and weight_symmetric and (act is None or (act.bits == 4 and act.symmetric))
+def choose_linear_path(device: torch.device | str, weights: WeightArgs, act: ActivationArgs | None) -> LinearPath:
+    """The fastest path that computes exactly ``quantized_linear`` for this scheme on this
+    device; ``reason`` says why a faster one does not apply (the plugin logs it once)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        ok, reason = triton_supported(weights, act)
+        return LinearPath("triton") if ok else LinearPath("dequant", reason)
+    if kind == "cpu":
+        ok, reason = int8_supported(weights, act)
+        return LinearPath("int8") if ok else LinearPath("dequant", reason)
+    return LinearPath("dequant", f"no quantized kernel for {kind} devices")
+
+
+def triton_supported(weights: WeightArgs, act: ActivationArgs | None) -> tuple[bool, str]:
+    """Whether :func:`quantized_linear_triton` covers a scheme (int4 symmetric per-channel or
+    grouped weights with 16-bit or int4 symmetric per-token activations), and if not, why."""
+    if weights.bits != 4 or not weights.symmetric:
+        return False, (f"the Triton kernels take int4 symmetric weights; this checkpoint has {weights.bits}-bit "
+                       f"{'symmetric' if weights.symmetric else 'asymmetric'} weights")
+    if act is not None and (act.bits != 4 or not act.symmetric):
+        return False, (f"the Triton kernels take 16-bit or int4 symmetric activations; this checkpoint has "
+                       f"{act.bits}-bit {'symmetric' if act.symmetric else 'asymmetric'} ones")
+    return True, ""
+
+
+def int8_supported(weights: WeightArgs, act: ActivationArgs | None) -> tuple[bool, str]:
+    """Whether :func:`quantized_linear_int8` covers a scheme, and if not, why: codes of symmetric
+    per-token activations against per-channel weight codes, both fitting int8, on a torch with an
+    int8 matrix product for this CPU."""
+    if act is None:
+        return False, "16-bit activations have no integer codes to multiply"
+    if act.bits > 8 or not act.symmetric:
+        return False, (f"the int8 path takes symmetric activations of at most 8 bits; this checkpoint has "
+                       f"{act.bits}-bit {'symmetric' if act.symmetric else 'asymmetric'} ones")
+    if weights.bits > (8 if weights.symmetric else 7):  # asymmetric: code - zero point spans 2^bits - 1 each side
+        return False, f"{weights.bits}-bit {'symmetric' if weights.symmetric else 'asymmetric'} weight codes do not fit int8"
+    if weights.group_size is not None:
+        return False, (f"weight groups of {weights.group_size} need one scaled partial sum per group; the int8 "
+                       "path takes one scale per output channel")
+    return _int_mm_available()
+
+
+@functools.cache
+def _int_mm_available() -> tuple[bool, str]:
+    try:
+        torch._int_mm(torch.ones(2, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        return False, f"this torch has no int8 matrix product on the CPU ({e})"
+    return True, ""
+
+
+def int8_weight_codes(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel packed weights -> (codes [N, K] int8, centred on zero, float32 scales [N]):
+    the operands of :func:`quantized_linear_int8`, built once at load time."""
+    codes = unpack_int32(packed, bits, signed=symmetric)
+    if zero_point is not None:
+        codes = codes - zero_point.reshape(-1, 1)
+    return codes.to(torch.int8).contiguous(), scale.reshape(-1).float()
+
+
+def quantized_linear_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                          act: ActivationArgs, hadamard_size: int | None,
+                          input_slice: slice | None = None) -> torch.Tensor:
+    """:func:`quantized_linear` in integers: the per-token activation codes (of the full row,
+    then this rank's ``input_slice``) times the weight ``codes`` [N, K] in int32, scaled by the
+    token's and the channel's scale [N]."""
+    lead, dtype = x.shape[:-1], x.dtype
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if hadamard_size:
+        rows = apply_hadamard(rows, hadamard_size)
+    grid = activation_grid(rows, act)
+    a = grid.quantize(rows).to(torch.int8)
+    if input_slice is not None:
+        a = a[:, input_slice]
+    y = torch._int_mm(a.contiguous(), codes.t()).float() * (grid.scale * scale)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype).reshape(*lead, -1)
 
 
 def quantized_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,

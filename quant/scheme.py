@@ -132,6 +132,13 @@ class Scheme:
     def replace(self, **changes) -> "Scheme":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def label(self) -> str:
+        """Short name of the bit widths, e.g. W4A4KV4 or W4A16 (logs and tables)."""
+        a = self.activations.bits if self.activations else 16
+        kv = f"KV{self.kv_cache.bits}" if self.kv_cache else ""
+        return f"W{self.weights.bits}A{a}{kv}"
+
 
 def _check_keys(where: str, d: dict, cls) -> None:
     allowed = {f.name for f in dataclasses.fields(cls)}
@@ -165,6 +172,8 @@ def _validate(s: Scheme) -> None:
 PRESETS: dict[str, Scheme] = {
     "w4a4kv4": Scheme(activations=ActivationArgs(), kv_cache=KVCacheArgs()),
     "w4a4": Scheme(activations=ActivationArgs()),
+    "w4a8kv4": Scheme(activations=ActivationArgs(bits=8, clip_ratio=1.0), kv_cache=KVCacheArgs()),
+    "w4a8": Scheme(activations=ActivationArgs(bits=8, clip_ratio=1.0)),
     "w4a16": Scheme(),
     "w4a16kv4": Scheme(kv_cache=KVCacheArgs()),
     "w3a16": Scheme(weights=WeightArgs(bits=3)),

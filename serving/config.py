@@ -1,9 +1,10 @@
 """The "rotq" quantization method in vLLM: config parsing and the linear method.
 
 Thin glue: the scheme is parsed by ``rotq.quant.scheme`` (the one schema), the checkpoint
-layout is ``rotq.export.rotq_format``'s, and the arithmetic is ``rotq.kernels.linear``'s: on
-CUDA the Triton kernels on the packed int4 codes (int4 symmetric weights, 16-bit or int4
-symmetric activations), elsewhere the PyTorch reference on dequantized weights.
+layout is ``rotq.export.rotq_format``'s, and the arithmetic is ``rotq.kernels.linear``'s, which
+also chooses the path at load time: on CUDA the Triton kernels on the packed int4 codes, on CPU
+int8 codes through ``torch._int_mm``, and the PyTorch reference on dequantized weights where
+neither covers the scheme (the reason is logged once).
 Weights are declared with vLLM's parameter classes, so the stock loaders shard packed codes
 for merged QKV / gate-up and row-parallel layers under tensor parallelism.
 
@@ -16,6 +17,7 @@ row, and keeps its own slice. Column-parallel layers see the full row already.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -36,7 +38,14 @@ from vllm.model_executor.parameter import (
 
 from vllm.model_executor.layers.attention import Attention
 
-from rotq.kernels.linear import dequantize_packed, quantized_linear, quantized_linear_triton, triton_supported
+from rotq.kernels.linear import (
+    choose_linear_path,
+    dequantize_packed,
+    int8_weight_codes,
+    quantized_linear,
+    quantized_linear_int8,
+    quantized_linear_triton,
+)
 from rotq.kernels.packing import pack_factor
 from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme
@@ -142,13 +151,22 @@ class RotqLinearMethod(LinearMethodBase):
         if self.online_hadamard:
             prepare_hadamard(layer.input_size)  # before torch.compile traces apply()
         w = self.scheme.weights
-        layer.rotq_triton = layer.weight_packed.is_cuda and triton_supported(w.bits, w.symmetric,
-                                                                             self.scheme.activations)
-        if layer.rotq_triton:  # the kernels read the packed codes; no dequantized copy
+        path = choose_linear_path(layer.weight_packed.device, w, self.scheme.activations)
+        layer.rotq_path = path.name
+        if path.reason:
+            _log_once(f"rotq: {self.scheme.label} runs on the {path.name} path on "
+                      f"{layer.weight_packed.device.type}: {path.reason}")
+        if path.name == "triton":  # the kernels read the packed codes; no dequantized copy
             return
         zp = getattr(layer, "weight_zero_point", None)
-        weight = dequantize_packed(layer.weight_packed.data, layer.weight_scale.data,
-                                   None if zp is None else zp.data, w.bits, w.symmetric)
+        zp = None if zp is None else zp.data
+        if path.name == "int8":
+            codes, scale = int8_weight_codes(layer.weight_packed.data, layer.weight_scale.data, zp, w.bits,
+                                             w.symmetric)
+            layer.register_buffer("weight_codes", codes, persistent=False)
+            layer.register_buffer("weight_scale_row", scale, persistent=False)
+            return
+        weight = dequantize_packed(layer.weight_packed.data, layer.weight_scale.data, zp, w.bits, w.symmetric)
         layer.register_buffer("weight_dequant", weight.to(layer.rotq_dtype), persistent=False)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,10 +176,18 @@ class RotqLinearMethod(LinearMethodBase):
         input_slice = None
         if transform and row_parallel:
             x, input_slice = _gather_row(layer, x)
-        if layer.rotq_triton:
+        if layer.rotq_path == "triton":
             return quantized_linear_triton(x, layer.weight_packed, layer.weight_scale, bias,
                                            self.scheme.activations, hadamard, input_slice)
+        if layer.rotq_path == "int8":
+            return quantized_linear_int8(x, layer.weight_codes, layer.weight_scale_row, bias,
+                                         self.scheme.activations, hadamard, input_slice)
         return quantized_linear(x, layer.weight_dequant, bias, self.scheme.activations, hadamard, input_slice)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
 
 
 def _gather_row(layer, x):
