@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 CONFIGS = {  # name: (scheme, export format, rotation) made with RTN when not given
+    "w4a8": ("w4a8", "rotq", "hadamard"),
     "w4a4": ("w4a4", "rotq", "hadamard"),
+    "w4a8kv4": ("w4a8kv4", "rotq", "hadamard"),
     "w4a4kv4": ("w4a4kv4", "rotq", "hadamard"),
     # stock vLLM's CPU path has no online Hadamard transform for compressed-tensors (README)
     "w4a16-ct": ("w4a16", "compressed-tensors", "none"),
@@ -162,6 +164,9 @@ def main() -> None:
     p.add_argument("--fp", default="smollm2-135m", help="the full-precision model (default smollm2-135m)")
     for name in CONFIGS:
         p.add_argument(f"--{name}", type=Path, help=f"a {name} checkpoint (default: made with RTN)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="the quantized configurations to compare with FP (default: all)")
+    p.add_argument("--no-server", action="store_true", help="offline latency and throughput only (no TTFT/ITL)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-prompts", type=int, default=64, help="offline throughput prompts")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent streaming requests")
@@ -176,7 +181,8 @@ def main() -> None:
     failed: list[dict] = []
     try:
         models = {"fp": str(resolve_model_dir(a.fp))}
-        for name, (scheme, fmt, rotation) in CONFIGS.items():
+        for name in a.configs:
+            scheme, fmt, rotation = CONFIGS[name]
             given = getattr(a, name.replace("-", "_"))
             if given is None:
                 print(f"making the {name} checkpoint (RTN)", flush=True)
@@ -188,8 +194,9 @@ def main() -> None:
             try:
                 print(f"{name}: offline latency and throughput", flush=True)
                 row = {"config": name, "model": model, **offline(model, a)}
-                print(f"{name}: server TTFT / ITL", flush=True)
-                row.update(server(model, a, work / f"{name}-server.log"))
+                if not a.no_server:
+                    print(f"{name}: server TTFT / ITL", flush=True)
+                    row.update(server(model, a, work / f"{name}-server.log"))
             except Exception as e:  # noqa: BLE001 - one configuration failing must not lose the others
                 print(f"{name}: FAILED: {type(e).__name__}: {str(e)[-300:]}", flush=True)
                 failed.append({"config": name, "model": model, "error": f"{type(e).__name__}: {str(e)[-300:]}"})
@@ -202,15 +209,19 @@ def main() -> None:
         sys.exit("the FP configuration failed: no ratios to report")
     fp = rows[0]
     head = " | ".join(f"batch {b} ms/step" for b in a.batch)
-    print(f"| config | {head} | output tok/s | TTFT ms | ITL ms (p90) |")
-    print("|---|" + "---|" * (len(a.batch) + 3))
+    server_head = "" if a.no_server else " TTFT ms | ITL ms (p90) |"
+    print(f"| config | {head} | output tok/s |{server_head}")
+    print("|---|" + "---|" * (len(a.batch) + (1 if a.no_server else 3)))
     for r in rows:
         step = lambda row, b: row["latency"][str(b)]["ms_per_step"]  # noqa: E731
         lat = " | ".join(f"{step(r, b):.1f} ({step(fp, b) / step(r, b):.2f}x)" for b in a.batch)
-        print(f"| {r['config']} | {lat} | {r['throughput_output_tok_s']:.1f} "
-              f"({r['throughput_output_tok_s'] / fp['throughput_output_tok_s']:.2f}x) | "
-              f"{r['ttft_ms_median']:.0f} ({fp['ttft_ms_median'] / r['ttft_ms_median']:.2f}x) | "
-              f"{r['itl_ms_median']:.1f} ({r['itl_ms_p90']:.1f}) ({fp['itl_ms_median'] / r['itl_ms_median']:.2f}x) |")
+        line = (f"| {r['config']} | {lat} | {r['throughput_output_tok_s']:.1f} "
+                f"({r['throughput_output_tok_s'] / fp['throughput_output_tok_s']:.2f}x) |")
+        if not a.no_server:
+            line += (f" {r['ttft_ms_median']:.0f} ({fp['ttft_ms_median'] / r['ttft_ms_median']:.2f}x) | "
+                     f"{r['itl_ms_median']:.1f} ({r['itl_ms_p90']:.1f}) "
+                     f"({fp['itl_ms_median'] / r['itl_ms_median']:.2f}x) |")
+        print(line)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.machine()}",
             "args": {k: str(v) for k, v in vars(a).items()}, "ratios": "FP time / config time (>1: faster than FP)"}
     a.json.parent.mkdir(parents=True, exist_ok=True)

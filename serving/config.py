@@ -38,14 +38,8 @@ from vllm.model_executor.parameter import (
 
 from vllm.model_executor.layers.attention import Attention
 
-from rotq.kernels.linear import (
-    choose_linear_path,
-    dequantize_packed,
-    int8_weight_codes,
-    quantized_linear,
-    quantized_linear_int8,
-    quantized_linear_triton,
-)
+from rotq.kernels.cpu_int8 import int8_weight_codes, quantized_linear_int8
+from rotq.kernels.linear import choose_linear_path, dequantize_packed, quantized_linear, quantized_linear_triton
 from rotq.kernels.packing import pack_factor
 from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme

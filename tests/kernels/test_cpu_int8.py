@@ -6,15 +6,8 @@ online Hadamard and a tensor-parallel input slice; and the path choice with its 
 import pytest
 import torch
 
-from rotq.kernels.linear import (
-    choose_linear_path,
-    dequantize_packed,
-    int8_supported,
-    int8_weight_codes,
-    quantized_linear,
-    quantized_linear_int8,
-    triton_supported,
-)
+from rotq.kernels.cpu_int8 import int8_supported, int8_weight_codes, quantized_linear_int8
+from rotq.kernels.linear import choose_linear_path, dequantize_packed, quantized_linear, triton_supported
 from rotq.kernels.packing import pack_int32
 from rotq.quant.hadamard import apply_hadamard
 from rotq.quant.quantizer import activation_grid
