@@ -66,6 +66,9 @@ ROW_SETS = {
     "gptaq-w4a16-hadamard": [("w4a16", "hadamard", m) for m in ("gptq", "gptaq")],
     # issue 5: the default W4A4KV4 pipeline (spinquant, clip fitted, qep+gptq) over calibration
     # draws: the seed picks the calibration windows and the randomised Hadamards
+    # issue 23: the W4A8 schemes served by the int8 main loop, beside the W4A4KV4 row of
+    # levers-w4a4kv4 with the same recipe (Hadamard, fitted clip, QEP + GPTQ)
+    "w4a8": [(scheme, "hadamard", "qep+gptq", ("--a-clip", "auto")) for scheme in ("w4a8kv4", "w4a8")],
     "seeds-default": [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--seed", str(seed)))
                       for seed in range(4)],
 }

@@ -45,7 +45,7 @@ def test_int8_linear_equals_float64_of_the_same_codes(M, K, N, bits, symmetric, 
     codes, row_scale = int8_weight_codes(packed, scale, zp, bits, symmetric)
     out = quantized_linear_int8(x, codes, row_scale, bias, act, hadamard, input_slice)
 
-    rows = apply_hadamard(x, hadamard) if hadamard else x
+    rows = apply_hadamard(x, hadamard, exact=False) if hadamard else x
     grid = activation_grid(rows, act)
     a = grid.quantize(rows)
     if input_slice is not None:
@@ -97,6 +97,25 @@ def test_path_choice_by_device():
     assert choose_linear_path("cpu", WeightArgs(), ActivationArgs(bits=8)).name == "int8"
     assert choose_linear_path("cuda", *w4a4).name == "triton"
     assert choose_linear_path("cuda", WeightArgs(), None).name == "triton"
-    cuda_w4a8 = choose_linear_path("cuda", WeightArgs(), ActivationArgs(bits=8))
-    assert cuda_w4a8.name == "dequant" and "8-bit" in cuda_w4a8.reason
+    cuda_w3 = choose_linear_path("cuda", WeightArgs(bits=3), ActivationArgs())
+    assert cuda_w3.name == "dequant" and "3-bit" in cuda_w3.reason
     assert not triton_supported(WeightArgs(bits=3), None)[0]
+
+
+@pytest.mark.parametrize("bits,clip", [(4, 0.9), (8, 1.0), (4, 0.75)])
+def test_activation_codes_are_the_reference_quantizer(bits, clip):
+    from rotq.kernels.cpu_int8 import activation_codes
+
+    g = torch.Generator().manual_seed(bits * 100 + int(clip * 100))
+    rows = torch.randn(37, 1536, generator=g) * torch.rand(37, 1, generator=g) * 5
+    rows[3] = 0.0
+    rows[4] = rows[4].abs()  # one-signed tokens
+    rows[5] = -rows[5].abs()
+    rows[6, :] = 0.0
+    rows[6, 7] = 2.5  # ties: x / scale lands on .5 boundaries for this token
+    act = ActivationArgs(bits=bits, clip_ratio=clip)
+    codes, scale = activation_codes(rows, act)
+    grid = activation_grid(rows, act)
+    assert codes.dtype == torch.int8
+    assert torch.equal(scale, grid.scale)
+    assert torch.equal(codes.float(), grid.quantize(rows))

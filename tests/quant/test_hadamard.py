@@ -51,6 +51,16 @@ def test_fast_matches_dense(n, shape, dtype, atol):
     torch.testing.assert_close(out, dense, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("n", [12, 576, 1536, 2 ** 12])
+def test_inexact_transform_is_within_float32_rounding(n):
+    """``exact=False`` (the CPU serving path) computes in float32: within a few float32 ulps of the
+    float64 transform, which stays the default."""
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n + 1))
+    fast, exact = apply_hadamard(x, exact=False), apply_hadamard(x)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=0, atol=2e-6 * float(exact.abs().max()))
+
+
 @pytest.mark.parametrize("n,width", [(16, 16), (128, 128), (576, 576), (1536, 1536), (64, 256), (2 ** 15, 2 ** 15)])
 def test_a_row_does_not_depend_on_its_batch(n, width):
     """Serving transforms one decode token at a time, calibration whole prompts: a row's result
