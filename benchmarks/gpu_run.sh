@@ -23,3 +23,4 @@ step() {  # name, seconds, command...
 step kernel_tests "${1:-150}" $py -m pytest tests/kernels tests/serving/test_kv4_backend.py -q -n 8 -p no:cacheprovider -k "not compiles_for"
 step kernels_bench "${2:-200}" $py benchmarks/kernels.py --models llama3-8b square --json "$OUT/kernels.json"
 TAIL=40 step layers_bench "${3:-200}" $py benchmarks/layers.py --json "$OUT/layers.json"
+TAIL=40 step attention_bench "${4:-240}" $py benchmarks/attention.py --json "$OUT/attention.json"

@@ -1,11 +1,14 @@
 """Kernel speed: rotq's Triton kernels against the 16-bit baseline, on one GPU.
 
-For Llama-3-8B and SmolLM2-135M linear shapes and decode (M ≤ 16) / prefill M, times with
-``triton.testing.do_bench``: cuBLAS bf16 ``x @ Wᵀ``; ``w4a4_gemm`` (GEMM only, and with
-``act_quant`` in front); ``w4a16_gemm``; ``hadamard_act_quant`` against a plain copy of the
-activation; and ``kv4_attention`` decode at 8k/32k context against SDPA over a bf16 cache.
-Each row gives the time, achieved TFLOP/s (or GB/s), the roofline floor (the larger of
-FLOPs / peak and bytes / bandwidth; peaks per GPU below) and the speed-up over the baseline.
+For Llama-3-8B and SmolLM2-135M linear shapes and decode (M = 1, 16, 128) / prefill M: cuBLAS bf16
+``x @ Wᵀ``; ``int8_act_gemm`` on 4-bit (W4A4) and 8-bit (W4A8) activation codes (GEMM only, and
+with ``act_quant`` in front; decode rows name their split-K factor); ``w4a16_gemm``; and
+``hadamard_act_quant`` against a plain copy of the activation (attention:
+benchmarks/attention.py). The GEMM rows are medians of CUDA-graph replays
+over weight copies larger than L2 (``_timer``): launch overhead and cached weights would
+otherwise decide the decode rows. Each row gives the time, achieved TFLOP/s (or GB/s), the
+roofline floor (the larger of FLOPs / peak and bytes / bandwidth; peaks per GPU below: the int8
+peak for the int8 loop, the bf16 peak for bf16 and W4A16) and the speed-up over the baseline.
 Needs only torch, triton and this repository (it runs on the lent GPU machine, which has no
 vLLM). ``--smoke`` runs tiny shapes on CPU under the Triton interpreter, to check the script.
 
@@ -33,18 +36,7 @@ LINEARS = {
     "smollm2-135m": {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)},
     "square": {"4096": (4096, 4096), "8192": (8192, 8192)},
 }
-
-
-def _timer(smoke: bool):
-    if smoke:
-        def bench(fn):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        return bench
-    import triton.testing
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+ROTATE_BYTES = 256 << 20  # weight copies timed in turn (at most 16): well over an H100's or H200's 50 MB L2
 
 
 def _peaks(smoke: bool):
@@ -62,86 +54,108 @@ def _line(r: dict) -> str:
             f"{rate} | {r['floor_ms']:.4f} | {r['speedup_vs_bf16']:.2f} |")
 
 
-def linear_rows(a, bench, peaks):
+def _timer(smoke: bool):
+    """ms per call of a list of calls: all of them captured in one CUDA graph (no launch overhead,
+    as vLLM's decode runs), the graph replayed by ``do_bench`` (which flushes L2 between
+    replays), the median divided by the number of calls. The calls rotate over weight copies
+    larger than L2 together, so that no GEMM finds its weights cached (a model's layers do not)."""
+    if smoke:
+        def bench(fns):
+            for fn in fns:
+                fn()
+            t0 = time.perf_counter()
+            for fn in fns:
+                fn()
+            return (time.perf_counter() - t0) * 1e3 / len(fns)
+        return bench
+    import torch
+    import triton.testing
+
+    def bench(fns):
+        for fn in fns:  # compile and warm up outside the graph
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in fns:
+                fn()
+        return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / len(fns)
+    return bench
+
+
+def _copies(tensor, smoke: bool) -> list:
+    """``tensor`` and enough clones of it to total ``ROTATE_BYTES`` (at most 16; one in --smoke)."""
+    if smoke:
+        return [tensor]
+    nbytes = tensor.numel() * tensor.element_size()
+    return [tensor] + [tensor.clone() for _ in range(min(15, -(-ROTATE_BYTES // nbytes) - 1))]
+
+
+def linear_rows(a, peaks):
     import torch
 
     from rotq.kernels.hadamard import hadamard_act_quant
-    from rotq.kernels.int4_gemm import act_quant, w4a4_gemm, w4a16_gemm
+    from rotq.kernels.int4_gemm import act_quant, gemm_plan, int8_act_gemm, w4a16_gemm
+    from rotq.kernels.linear import prepare_triton_weights
     from rotq.kernels.packing import pack_int32
 
     int8_peak, bf16_peak, bw = peaks
+    bench = _timer(a.smoke)
     dev = "cpu" if a.smoke else "cuda"
     rows = []
+
+    def add(row):
+        rows.append(row)
+        print(_line(row), flush=True)
+
     for model, shapes in LINEARS.items():
         if model not in a.models or (a.smoke and model != "smollm2-135m"):
             continue
         for name, (K, N) in shapes.items():
             for M in ([1, 16] if a.smoke else [1, 16, 128, 2048, 8192]):
-                if model == "square" and M not in (16, int(name)):
+                if model == "square" and M not in (1, 16, int(name)):
                     continue
                 x = torch.randn(M, K, device=dev, dtype=torch.float32 if a.smoke else torch.bfloat16)
-                w16 = torch.randn(N, K, device=dev, dtype=x.dtype) * 0.02
-                wp = pack_int32(torch.randint(-8, 8, (N, K), device=dev), 4, signed=True)
-                ws = torch.rand(N, 1, device=dev) * 0.01
-                aq, asc = act_quant(x, ACT_CLIP)
+                w16s = _copies(torch.randn(N, K, device=dev, dtype=x.dtype) * 0.02, a.smoke)
+                prepared = prepare_triton_weights(pack_int32(torch.randint(-8, 8, (N, K), device=dev), 4, signed=True),
+                                                  torch.rand(N, 1, device=dev) * 0.01)
+                codes, ws = _copies(prepared.codes, a.smoke), prepared.scale
+                split = gemm_plan(M, N, K, K, dev).split
                 flops = 2 * M * N * K
-                t_bf16 = bench(lambda: x @ w16.T)
-                t_gemm = bench(lambda: w4a4_gemm(aq, asc, wp, ws, out_dtype=x.dtype))
-                t_full = bench(lambda: w4a4_gemm(*act_quant(x, ACT_CLIP), wp, ws, out_dtype=x.dtype))
-                t_w16 = bench(lambda: w4a16_gemm(x, wp, ws))
-                floor_bf16 = max(flops / bf16_peak / 1e12, (2 * (M * K + N * K + M * N)) / bw / 1e12) * 1e3
-                floor_w4a4 = max(flops / int8_peak / 1e12, (M * K / 2 + N * K / 2 + 2 * M * N) / bw / 1e12) * 1e3
-                for kernel, t, floor in (("bf16 cuBLAS", t_bf16, floor_bf16), ("w4a4_gemm", t_gemm, floor_w4a4),
-                                         ("act_quant+w4a4_gemm", t_full, floor_w4a4),
-                                         ("w4a16_gemm", t_w16, floor_w4a4)):
-                    rows.append({"model": model, "layer": name, "M": M, "N": N, "K": K, "kernel": kernel,
-                                 "ms": t, "tflops": flops / t / 1e9, "floor_ms": floor,
-                                 "speedup_vs_bf16": t_bf16 / t})
-                    print(_line(rows[-1]), flush=True)
+                t_bf16 = bench([lambda w=w: x @ w.T for w in w16s])
+                floors = {  # (peak, bytes moved): int8 MMA for the int8 loop, bf16 MMA for W4A16
+                    "bf16": (bf16_peak, 2 * (M * K + N * K + M * N)),
+                    "int8": (int8_peak, M * K + N * K / 2 + 2 * M * N),
+                    "w4a16": (bf16_peak, 2 * M * K + N * K / 2 + 2 * M * N),
+                }
+                timed = [("bf16 cuBLAS", t_bf16, "bf16")]
+                for bits in (4, 8):
+                    aq, asc = act_quant(x, ACT_CLIP, bits)
+                    label = f"int8_act_gemm W4A{bits}" + (f" split-K {split}" if split > 1 else "")
+                    timed.append((label, bench([lambda w=w: int8_act_gemm(aq, asc, w, ws, out_dtype=x.dtype)
+                                                for w in codes]), "int8"))
+                    timed.append((f"act_quant+{label}",
+                                  bench([lambda w=w, b=bits: int8_act_gemm(*act_quant(x, ACT_CLIP, b), w, ws,
+                                                                           out_dtype=x.dtype) for w in codes]),
+                                  "int8"))
+                timed.append(("w4a16_gemm", bench([lambda w=w: w4a16_gemm(x, w, ws) for w in codes]), "w4a16"))
+                for kernel, t, kind in timed:
+                    peak, bytes_ = floors[kind]
+                    add({"model": model, "layer": name, "M": M, "N": N, "K": K, "kernel": kernel, "ms": t,
+                         "tflops": flops / t / 1e9, "floor_ms": max(flops / peak / 1e12, bytes_ / bw / 1e12) * 1e3,
+                         "speedup_vs_bf16": t_bf16 / t, "split_k": split if kind == "int8" else 1,
+                         "cuda_graph": not a.smoke})
+                del w16s, codes, prepared
             if model != "square":
                 for M in ([7] if a.smoke else [16, 2048, 8192]):
                     x = torch.randn(M, K, device=dev, dtype=torch.float32 if a.smoke else torch.bfloat16)
-                    t_copy = bench(lambda: x.clone())
-                    t_hq = bench(lambda: hadamard_act_quant(x, ACT_CLIP))
-                    bytes_ = 2 * M * K + M * K / 2
-                    rows.append({"model": model, "layer": f"{name} input", "M": M, "N": 0, "K": K,
-                                 "kernel": "hadamard_act_quant", "ms": t_hq, "gbps": bytes_ / t_hq / 1e6,
-                                 "floor_ms": bytes_ / bw / 1e9, "speedup_vs_bf16": t_copy / t_hq,
-                                 "baseline": "x.clone()"})
-                    print(_line(rows[-1]), flush=True)
-    return rows
-
-
-def kv_rows(a, bench, peaks):
-    import torch
-    import torch.nn.functional as F
-
-    from rotq.kernels.kv4 import kv4_attention, kv_quant_store, new_cache, row_bytes
-
-    bw = peaks[2]
-    dev = "cpu" if a.smoke else "cuda"
-    rows = []
-    for model, (Hq, Hkv, D) in {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}.items():
-        for ctx in ([64] if a.smoke else [8192, 32768]):
-            for B in ([1] if a.smoke else [1, 16]):
-                bs = 16
-                nblk = B * ctx // bs
-                cache = new_cache(nblk, bs, Hkv, D, dev)
-                slots = torch.arange(nblk * bs, device=dev)
-                kv = torch.randn(nblk * bs, Hkv, D, device=dev)
-                kv_quant_store(kv, kv, cache, slots, 0.95)
-                tables = torch.arange(nblk, device=dev).reshape(B, -1)
-                q = torch.randn(B, Hq, D, device=dev, dtype=torch.float32 if a.smoke else torch.bfloat16)
-                seq, pos = torch.arange(B, device=dev), torch.full((B,), ctx - 1, device=dev)
-                t_kv4 = bench(lambda: kv4_attention(q, cache, tables, seq, pos, D ** -0.5))
-                k16 = torch.randn(B, Hkv, ctx, D, device=dev, dtype=q.dtype)
-                t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], k16, k16, enable_gqa=True))
-                bytes_kv4 = B * ctx * Hkv * row_bytes(D)
-                rows.append({"model": model, "layer": f"decode ctx {ctx}", "M": B, "N": Hq, "K": D,
-                             "kernel": "kv4_attention", "ms": t_kv4, "gbps": bytes_kv4 / t_kv4 / 1e6,
-                             "floor_ms": bytes_kv4 / bw / 1e9, "speedup_vs_bf16": t_sdpa / t_kv4,
-                             "baseline": "SDPA over a bf16 cache (GQA)"})
-                print(_line(rows[-1]), flush=True)
+                    t_copy = bench([lambda: x.clone()])
+                    t_hq = bench([lambda: hadamard_act_quant(x, ACT_CLIP)])
+                    bytes_ = 2 * M * K + M * K + 4 * M  # bf16 in, int8 codes and float32 scales out
+                    add({"model": model, "layer": f"{name} input", "M": M, "N": 0, "K": K,
+                         "kernel": "hadamard_act_quant", "ms": t_hq, "gbps": bytes_ / t_hq / 1e6,
+                         "floor_ms": bytes_ / bw / 1e9, "speedup_vs_bf16": t_copy / t_hq, "baseline": "x.clone()",
+                         "cuda_graph": not a.smoke})
     return rows
 
 
@@ -149,7 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--models", nargs="+", choices=list(LINEARS), default=list(LINEARS),
-                   help="linear shapes to time (default: all); the KV rows always run")
+                   help="linear shapes to time (default: all); attention: benchmarks/attention.py")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     a = p.parse_args()
     if a.smoke:
@@ -158,8 +172,7 @@ def main() -> None:
     if not a.smoke and not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --smoke to check the script on CPU)")
     gpu, peaks = _peaks(a.smoke)
-    bench = _timer(a.smoke)
-    rows = linear_rows(a, bench, peaks) + kv_rows(a, bench, peaks)
+    rows = linear_rows(a, peaks)
     print(f"GPU: {gpu}")
     print("| model | layer | M | N | K | kernel | ms | TFLOP/s or GB/s | floor ms | × baseline |")
     print("|---|---|---|---|---|---|---|---|---|---|")

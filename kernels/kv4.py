@@ -22,22 +22,33 @@ head) over the head dimension; asymmetric: range [min(x, 0), max(x, 0)] · clip 
 zero = round(−min / scale), code = clamp(round(x / scale) + zero, 0, 15); symmetric: scale =
 clip · max|x| / 7, code = clamp(round(x / scale), −8, 7) + 8, stored with zero point 8.
 
-``kv4_attention`` serves decode and (chunked) prefill alike: every query token carries its
-sequence index and absolute position and attends to that sequence's cached tokens 0..position
-(its own K/V must be stored first), with GQA (query head h reads KV head h // (H_q / H_kv)).
-One program per (query token, KV head, context split) serves the KV head's whole query group
-with an online softmax over tiles of 32 cached tokens; long contexts are split across programs
-(flash-decoding) and a second kernel merges the splits. The dot products never dequantize: q·k =
-k_scale · (q·codes − k_zero · Σq) and p·v likewise, with the codes (exact in float16) and q or
-p·v_scale split into two float16 parts on the tensor cores, accurate to float32's level (7× faster
-at batch 16 on an H200 than float32 dots on dequantized tiles).
+Attention has two paths, both causal with GQA (query head h reads KV head h // (H_q / H_kv)):
+
+* decode (``kv4_decode``, memory-bound): one program per (query row, KV head, context split)
+  serves the KV head's whole query group with an online softmax over tiles of 64 cached tokens;
+  each row's context is divided among the splits (flash-decoding) and a second kernel merges
+  them. The dot products never dequantize: q·k = k_scale · (q·codes − k_zero · Σq) and p·v
+  likewise, with the codes (exact in float16, made from the nibbles by integer ops on the
+  mantissa of 1024.0) and q or p·v_scale split into two float16 parts on the tensor cores,
+  accurate to float32's level.
+* prefill (``kv4_prefill``, compute-bound): one Triton pass dequantizes the prefill requests'
+  pages into a 16-bit scratch, then PyTorch's SDPA (FlashAttention on CUDA) runs each request's
+  causal attention over it, aligned bottom-right when the queries continue a cached prefix
+  (chunked prefill, prefix caching).
+
+Host-side inputs (query and context lengths of prefill requests) come from vLLM's host
+metadata; nothing here reads a device tensor on the host, so decode can be graph-captured.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention.bias import causal_lower_right
 
 from rotq.kernels.packing import pack_int4, unpack_int4
 from rotq.quant.quantizer import kv_grid
@@ -110,7 +121,10 @@ def kv_quantize_reference(x: torch.Tensor, clip_ratio: float, symmetric: bool = 
 
 def kv_store_reference(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
                        clip_ratio: float, symmetric: bool = False) -> None:
-    """Quantize key and value [T, H_kv, D] into ``cache`` at ``slot_mapping`` [T]."""
+    """Quantize key and value [T, H_kv, D] into ``cache`` at ``slot_mapping`` [T] (a slot of −1 is
+    skipped)."""
+    keep = slot_mapping >= 0
+    key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     D = key.shape[-1]
     codes, scales, zeros = page_views(cache, D)
     bs = cache.shape[2]
@@ -136,7 +150,7 @@ def dequantize_kv(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, tor
 
 
 def gather_sequence(cache: torch.Tensor, head_dim: int, block_table: torch.Tensor, length: int):
-    """Dequantized K and V [length, H_kv, D] of one sequence's first ``length`` tokens."""
+    """Dequantized K and V [length, H_kv, D] (float32) of one sequence's first ``length`` tokens."""
     bs = cache.shape[2]
     blocks = block_table[: (length + bs - 1) // bs].long()
     K, V = _dequantize(*(region[blocks] for region in page_views(cache, head_dim)))
@@ -144,18 +158,28 @@ def gather_sequence(cache: torch.Tensor, head_dim: int, block_table: torch.Tenso
     return flat(K), flat(V)
 
 
-def kv4_attention_reference(q, cache, block_tables, seq_idx, positions, softmax_scale: float) -> torch.Tensor:
-    """float64 attention of each query token [T, H_q, D] over its sequence's cached tokens 0..pos."""
+def kv4_attention_reference(q, cache, block_tables, seq_lens, softmax_scale: float) -> torch.Tensor:
+    """float64 attention of each query row q[t] [H_q, D] over the first ``seq_lens[t]`` cached
+    tokens of the sequence in ``block_tables[t]`` (a prefill token at position p is a row with
+    seq_len p + 1)."""
     T, Hq, D = q.shape
     group = Hq // cache.shape[1]
     out = torch.empty(T, Hq, D, dtype=torch.float64)
     for t in range(T):
-        k, v = gather_sequence(cache, D, block_tables[int(seq_idx[t])], int(positions[t]) + 1)
-        k, v = k.double(), v.double()
-        for h in range(Hq):
-            s = (k[:, h // group] @ q[t, h].double()) * softmax_scale
-            out[t, h] = torch.softmax(s, 0) @ v[:, h // group]
+        k, v = gather_sequence(cache, D, block_tables[t], int(seq_lens[t]))
+        k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+        s = torch.einsum("hd,nhd->hn", q[t].double(), k) * softmax_scale
+        out[t] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
     return out
+
+
+def kv4_gather_reference(cache: torch.Tensor, head_dim: int, block_tables: torch.Tensor, seq_lens: list[int],
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kv4_gather`'s result in PyTorch: K and V [H_kv, Σ seq_lens, D] in ``dtype``."""
+    parts = [gather_sequence(cache, head_dim, block_tables[r], n) for r, n in enumerate(seq_lens)]
+    K, V = (torch.cat([p[i] for p in parts]) if parts else
+            torch.empty(0, cache.shape[1], head_dim) for i in (0, 1))
+    return K.transpose(0, 1).to(dtype), V.transpose(0, 1).to(dtype)
 
 
 # ----------------------------------------------------------------------------- store
@@ -186,21 +210,24 @@ def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
 def _kv_store_kernel(k_ptr, v_ptr, cache_ptr, scale_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_page, clip, H: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
                      SYMMETRIC: tl.constexpr):
+    """Program (token, KV head). A token with slot −1 (vLLM's padding) writes nothing: skipping
+    it here spares the host a look at the slots."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    page = (slot // BLOCK_SIZE) * stride_page
-    r = h * BLOCK_SIZE + slot % BLOCK_SIZE
-    S: tl.constexpr = H * BLOCK_SIZE
-    j = tl.arange(0, D // 2)
-    kq, ks, kz = _quantize_row(k_ptr + t * stride_kt + h * stride_kh, j, clip, SYMMETRIC)
-    vq, vs, vz = _quantize_row(v_ptr + t * stride_vt + h * stride_vh, j, clip, SYMMETRIC)
-    tl.store(cache_ptr + page + r * D + j, kq.to(tl.uint8))
-    tl.store(cache_ptr + page + r * D + D // 2 + j, vq.to(tl.uint8))
-    sc = (page + S * D) // 4 + r * 2
-    tl.store(scale_ptr + sc, ks)
-    tl.store(scale_ptr + sc + 1, vs)
-    tl.store(cache_ptr + page + S * (D + 8) + r, (kz | (vz << 4)).to(tl.uint8))
+    if slot >= 0:
+        page = (slot // BLOCK_SIZE) * stride_page
+        r = h * BLOCK_SIZE + slot % BLOCK_SIZE
+        S: tl.constexpr = H * BLOCK_SIZE
+        j = tl.arange(0, D // 2)
+        kq, ks, kz = _quantize_row(k_ptr + t * stride_kt + h * stride_kh, j, clip, SYMMETRIC)
+        vq, vs, vz = _quantize_row(v_ptr + t * stride_vt + h * stride_vh, j, clip, SYMMETRIC)
+        tl.store(cache_ptr + page + r * D + j, kq.to(tl.uint8))
+        tl.store(cache_ptr + page + r * D + D // 2 + j, vq.to(tl.uint8))
+        sc = (page + S * D) // 4 + r * 2
+        tl.store(scale_ptr + sc, ks)
+        tl.store(scale_ptr + sc + 1, vs)
+        tl.store(cache_ptr + page + S * (D + 8) + r, (kz | (vz << 4)).to(tl.uint8))
 
 
 def _float32_view(cache: torch.Tensor) -> torch.Tensor:
@@ -214,7 +241,8 @@ def _float32_view(cache: torch.Tensor) -> torch.Tensor:
 
 def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
                    clip_ratio: float, symmetric: bool = False) -> None:
-    """Quantize key (after RoPE and R3) and value [T, H_kv, D] into ``cache`` at ``slot_mapping``."""
+    """Quantize key (after RoPE and R3) and value [T, H_kv, D] into ``cache`` at ``slot_mapping``
+    (a slot of −1 is skipped)."""
     T, H, D = key.shape
     _check_cache(cache, D)
     if value.shape != key.shape or cache.shape[1] != H:
@@ -229,7 +257,7 @@ def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, 
             SYMMETRIC=symmetric, **EXACT_FLOAT)
 
 
-# ----------------------------------------------------------------------------- attention
+# ----------------------------------------------------------------------------- decode
 
 @triton.jit
 def _f16_parts(x):
@@ -239,39 +267,38 @@ def _f16_parts(x):
 
 
 @triton.jit
-def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr, qb_ptr, o_ptr, part_ptr, ml_ptr,
-                          stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale, chunk,
-                          H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLITS: tl.constexpr):
-    """Program (query block b, KV head, split): the query tokens of block b (one token when not
-    BLOCKED; else the run qb[b] = (first token, count) of up to BLOCK_M consecutive tokens of one
-    sequence, at consecutive positions), each with the GROUP query heads sharing that KV head,
-    attend to the cached tokens [split · chunk, min((split + 1) · chunk, position + 1)). Rows are
-    (token, head) pairs; each K/V tile of codes is loaded once for all of them. With one split
-    the output is written directly, else the unnormalised partial and its (max, sum) go to a
-    workspace that _kv4_combine_kernel reduces."""
+def _nibbles(b):
+    """The low and high nibbles of bytes ``b`` as float16 codes 0..15: each nibble ORed into the
+    mantissa of 1024.0 (0x6400) is 1024 + code, minus 1024 exactly; integer ops and a float16
+    subtract instead of two conversions (int -> float32 -> float16) per code."""
+    w = b.to(tl.int16)
+    lo = ((w & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    hi = ((w >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return lo, hi
+
+
+@triton.jit
+def _kv4_decode_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, ml_ptr,
+                       stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale,
+                       H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    """Program (query row b, KV head, split): the GROUP query heads of row b sharing that KV head
+    (padded to GROUP_P ≥ 16 rows of a dot) attend to split ``sp`` of the first len[b] tokens of
+    block table row b; the row's context is cut into SPLITS chunks of whole tiles, so every split
+    has work whatever the block table's width. With one split the output is written directly,
+    else the unnormalised partial and its (max, sum) go to a workspace that _kv4_combine_kernel
+    reduces."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     S: tl.constexpr = H_KV * BLOCK_SIZE
-    if BLOCKED:
-        t0 = tl.load(qb_ptr + 2 * b)
-        m = tl.load(qb_ptr + 2 * b + 1)
-    else:
-        t0 = b
-        m = 1
-    row = tl.arange(0, BLOCK_M * GROUP_P)
-    tok = row // GROUP_P
-    g = row % GROUP_P
-    t = t0 + tok
+    g = tl.arange(0, GROUP_P)
     heads = kvh * GROUP + g
-    in_group = (g < GROUP) & (tok < m)
-    seq = tl.load(seq_ptr + t0)
-    pos = tl.load(pos_ptr + t, mask=tok < m, other=0)  # each row's own causal limit
-    n = tl.load(pos_ptr + t0 + m - 1) + 1
+    in_group = g < GROUP
+    n = tl.load(len_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
     j = tl.arange(0, D // 2)
-    q_row = q_ptr + t[:, None] * stride_qt + heads[:, None] * stride_qh + 2 * j[None, :]
+    q_row = q_ptr + b * stride_qt + heads[:, None] * stride_qh + 2 * j[None, :]
     q_even = tl.load(q_row, mask=in_group[:, None], other=0.0).to(tl.float32) * softmax_scale
     q_odd = tl.load(q_row + 1, mask=in_group[:, None], other=0.0).to(tl.float32) * softmax_scale
     # q.k = k_scale (q.codes - k_zero sum(q)): the dots run on the integer codes, on tensor cores,
@@ -281,36 +308,32 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
     q_unit = tl.exp2(tl.floor(tl.log2(tl.maximum(q_max, 1e-30))))
     qe_hi, qe_lo = _f16_parts(q_even / q_unit[:, None])
     qo_hi, qo_lo = _f16_parts(q_odd / q_unit[:, None])
-    m_i = tl.full([BLOCK_M * GROUP_P], -float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M * GROUP_P], dtype=tl.float32)
-    acc_e = tl.zeros([BLOCK_M * GROUP_P, D // 2], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_M * GROUP_P, D // 2], dtype=tl.float32)
+    m_i = tl.full([GROUP_P], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc_e = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
+    acc_o = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
     end = tl.minimum(sp * chunk + chunk, n)
-    for start in range(sp * chunk, end, BLOCK_N):
+    for start in range(sp * chunk, end, BLOCK_N):  # every tile holds at least one visible token
         toks = start + tl.arange(0, BLOCK_N)
         valid = toks < end
-        blocks = tl.load(bt_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
+        blocks = tl.load(bt_ptr + b * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
         page = blocks.to(tl.int64) * stride_page
         r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
         codes = page + r * D
         sc = (page + S * D) // 4 + r * 2
         zp = tl.load(cache_ptr + page + S * (D + 8) + r, mask=valid, other=0).to(tl.int32)
-        kp = tl.load(cache_ptr + codes[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        kp = tl.load(cache_ptr + codes[:, None] + j[None, :], mask=valid[:, None], other=0)
         ks = tl.load(scale_ptr + sc, mask=valid, other=1.0)
         kz = (zp & 0xF).to(tl.float32)
-        c_e = (kp & 0xF).to(tl.float32).to(tl.float16)  # codes 0..15: exact in float16
-        c_o = (kp >> 4).to(tl.float32).to(tl.float16)
+        c_e, c_o = _nibbles(kp)
         raw = tl.dot(qe_hi, tl.trans(c_e)) + tl.dot(qe_lo, tl.trans(c_e)) + \
             tl.dot(qo_hi, tl.trans(c_o)) + tl.dot(qo_lo, tl.trans(c_o))
         s = (raw * q_unit[:, None] - q_sum[:, None] * kz[None, :]) * ks[None, :]
-        s = tl.where(valid[None, :] & (toks[None, :] <= pos[:, None]), s, -float("inf"))
+        s = tl.where(valid[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row with nothing visible yet (a later token's split, before its first visible tile)
-        # keeps m = -inf: subtract 0 instead, so its weights are exp(-inf) = 0, not NaN
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0)
         vs = tl.load(scale_ptr + sc + 1, mask=valid, other=1.0)
         vz = (zp >> 4).to(tl.float32)
         # p.v = (p v_scale).codes - (p v_scale).v_zero, the weights p v_scale split likewise
@@ -318,21 +341,20 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
         w_unit = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.max(tl.where(valid, vs, 0.0), axis=0), 1e-30))))
         w_hi, w_lo = _f16_parts(w / w_unit)
         w_z = tl.sum(w * vz[None, :], axis=1)[:, None]
-        c_e = (vp & 0xF).to(tl.float32).to(tl.float16)
-        c_o = (vp >> 4).to(tl.float32).to(tl.float16)
+        c_e, c_o = _nibbles(vp)
         acc_e = acc_e * alpha[:, None] + ((tl.dot(w_hi, c_e) + tl.dot(w_lo, c_e)) * w_unit - w_z)
         acc_o = acc_o * alpha[:, None] + ((tl.dot(w_hi, c_o) + tl.dot(w_lo, c_o)) * w_unit - w_z)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     d = tl.arange(0, D)
     if SPLITS == 1:
-        out = tl.reshape(tl.join(acc_e / l_i[:, None], acc_o / l_i[:, None]), (BLOCK_M * GROUP_P, D))
-        tl.store(o_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        out = tl.reshape(tl.join(acc_e / l_i[:, None], acc_o / l_i[:, None]), (GROUP_P, D))
+        tl.store(o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=in_group[:, None])
     else:
-        ws = (t * (H_KV * GROUP) + heads) * SPLITS + sp  # workspace [T, H_q, SPLITS, ...]
+        ws = (b * (H_KV * GROUP) + heads) * SPLITS + sp  # workspace [B, H_q, SPLITS, ...]
         tl.store(part_ptr + ws[:, None] * D + d[None, :],
-                 tl.reshape(tl.join(acc_e, acc_o), (BLOCK_M * GROUP_P, D)), mask=in_group[:, None])
+                 tl.reshape(tl.join(acc_e, acc_o), (GROUP_P, D)), mask=in_group[:, None])
         tl.store(ml_ptr + ws * 2, m_i, mask=in_group)
         tl.store(ml_ptr + ws * 2 + 1, l_i, mask=in_group)
 
@@ -340,12 +362,12 @@ def _kv4_attention_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, seq_ptr, pos_ptr,
 @triton.jit
 def _kv4_combine_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H_Q: tl.constexpr, SPLITS: tl.constexpr,
                         SPLITS_P: tl.constexpr, D: tl.constexpr):
-    """out[t, h] = Σ_s e^(m_s − M) acc_s / Σ_s e^(m_s − M) l_s over the splits of (t, h); a split
-    past the sequence's end has m = −inf, l = 0 and weighs nothing."""
-    t = tl.program_id(0)
+    """out[b, h] = Σ_s e^(m_s − M) acc_s / Σ_s e^(m_s − M) l_s over the splits of (b, h); a split
+    past the row's context has m = −inf, l = 0, acc = 0 and weighs nothing."""
+    b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, SPLITS_P)
-    row = (t * H_Q + h) * SPLITS + sp
+    row = (b * H_Q + h) * SPLITS + sp
     used = sp < SPLITS
     m = tl.load(ml_ptr + row * 2, mask=used, other=-float("inf"))
     l_s = tl.load(ml_ptr + row * 2 + 1, mask=used, other=0.0)
@@ -353,82 +375,172 @@ def _kv4_combine_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H_Q: tl.c
     d = tl.arange(0, D)
     acc = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
     out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-_BLOCK_N = 32
-_MIN_SPLIT_TOKENS = 256
-_BLOCK_ROWS = 64  # (query token, head) rows of a program serving a run of prefill tokens
+_BLOCK_N = 64  # cached tokens per decode tile
+_MIN_SPLIT_TOKENS = 2 * _BLOCK_N
 
 
-def _block_m(group: int) -> int:
-    """Query tokens per program for runs of prefill tokens: 64 rows of (token, head)."""
-    return max(1, _BLOCK_ROWS // triton.next_power_of_2(group))
+def num_splits(rows: int, kv_heads: int, max_context: int, multiprocessors: int) -> int:
+    """Context splits for ``rows`` decode rows: enough programs (rows · KV heads · splits) for two
+    per multiprocessor (an H100/H200's 132 SMs: 33 splits at batch 1 with 8 KV heads), no more
+    splits than ``max_context`` has 128-token pieces."""
+    want = -(-2 * multiprocessors // max(rows * kv_heads, 1))
+    return max(1, min(want, -(-max_context // _MIN_SPLIT_TOKENS)))
 
 
-def query_blocks(query_start_loc: torch.Tensor, group: int) -> torch.Tensor | None:
-    """(first token, count) [nb, 2] int32 of the runs of at most _block_m(group) query tokens
-    that the requests' query ranges (``query_start_loc`` [R + 1], on the CPU) split into; None
-    when every request has one query token (decode: one program per token is as good)."""
-    starts = query_start_loc.tolist()
-    if all(e - s <= 1 for s, e in zip(starts, starts[1:])):
-        return None
-    step = _block_m(group)
-    runs = [(t, min(step, e - t)) for s, e in zip(starts, starts[1:]) for t in range(s, e, step)]
-    return torch.tensor(runs, dtype=torch.int32)
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(T: int, Hkv: int, max_context: int, device: torch.device) -> int:
-    """Enough splits of the context to give every multiprocessor two programs, each split at
-    least 256 tokens long; one split for prefill-sized batches and on CPU."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-2 * sms // max(T * Hkv, 1))
-    return max(1, min(want, max_context // _MIN_SPLIT_TOKENS))
-
-
-def kv4_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_idx: torch.Tensor,
-                  positions: torch.Tensor, softmax_scale: float, out: torch.Tensor | None = None,
-                  splits: int | None = None, q_blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of q [T, H_q, D] over the int4 paged cache (see the module docstring); writes
-    into ``out`` [T, H_q, D] when given. ``splits`` divides each sequence's context among that
-    many programs (flash-decoding), reduced by a second kernel; by default it is chosen from the
-    GPU's size and the block table's width (no host sync, so the call can be graph-captured).
-    ``q_blocks`` (from :func:`query_blocks`, on q's device): runs of consecutive query tokens of
-    one request, which then share their K/V tiles instead of each token re-reading its prefix
-    (prefill); None: one program per query token (decode)."""
-    T, Hq, D = q.shape
+def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               softmax_scale: float, out: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """Attention of each query row q[b] [H_q, D] over the first ``seq_lens[b]`` cached tokens of
+    ``block_tables[b]`` (decode: the row's own K/V stored first); writes into ``out`` [B, H_q, D]
+    when given. ``splits`` divides each row's context among that many programs, merged by a
+    second kernel; by default it is chosen from the GPU's size and the block table's width
+    (shapes only: no host sync, so the call can be graph-captured). A row with seq_len 0
+    (padding) gets NaN."""
+    B, Hq, D = q.shape
     _check_cache(cache, D)
     Hkv = cache.shape[1]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a contiguous head dimension")
+    if block_tables.shape[0] < B or seq_lens.shape[0] < B:
+        raise ValueError(f"{B} query rows but block tables {tuple(block_tables.shape)} and seq_lens "
+                         f"{tuple(seq_lens.shape)}")
     out = torch.empty_like(q) if out is None else out
-    if not T:
+    if not B:
         return out
     block_size = cache.shape[2]
-    max_context = block_tables.shape[1] * block_size
-    group = Hq // Hkv
-    programs = T if q_blocks is None else q_blocks.shape[0]
-    splits = splits or _num_splits(programs, Hkv, max_context, q.device)
-    chunk = triton.cdiv(triton.cdiv(max_context, splits), _BLOCK_N) * _BLOCK_N
+    if splits is None:
+        splits = 1 if q.device.type != "cuda" else num_splits(
+            B, Hkv, block_tables.shape[1] * block_size, _multiprocessors(q.device))
     if splits > 1:
-        part = torch.empty(T, Hq, splits, D, dtype=torch.float32, device=q.device)
-        ml = torch.empty(T, Hq, splits, 2, dtype=torch.float32, device=q.device)
+        part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out  # unused
-    bt = block_tables.to(torch.int32).contiguous()
-    seq32 = seq_idx.to(torch.int32)
-    if q_blocks is None:  # one token per program: pad its query group to the 16 rows of a dot
-        qb, block_m, group_p = seq32, 1, max(16, triton.next_power_of_2(group))
-    else:
-        qb, block_m, group_p = q_blocks.to(torch.int32), _block_m(group), triton.next_power_of_2(group)
-    _kv4_attention_kernel[(programs, Hkv, splits)](
-        q, cache, _float32_view(cache), bt, seq32, positions.to(torch.int32), qb, out, part, ml,
+    bt = block_tables.to(torch.int32)
+    group = Hq // Hkv
+    _kv4_decode_kernel[(B, Hkv, splits)](
+        q, cache, _float32_view(cache), bt, seq_lens.to(torch.int32), out, part, ml,
         q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
-        float(softmax_scale), chunk, H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group, GROUP_P=group_p,
-        BLOCK_M=block_m, BLOCKED=q_blocks is not None, D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
+        float(softmax_scale), H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group,
+        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
     if splits > 1:
-        _kv4_combine_kernel[(T, Hq)](part, ml, out, out.stride(0), out.stride(1), H_Q=Hq, SPLITS=splits,
+        _kv4_combine_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), H_Q=Hq, SPLITS=splits,
                                      SPLITS_P=triton.next_power_of_2(splits), D=D)
     return out
+
+
+# ----------------------------------------------------------------------------- prefill
+
+@triton.jit
+def _kv4_gather_kernel(cache_ptr, scale_ptr, bt_ptr, len_ptr, start_ptr, k_ptr, v_ptr, stride_bt, stride_page,
+                       stride_sh, H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Program (request r, tile, KV head): dequantize tokens [tile · BLOCK_N, +BLOCK_N) ∩ [0, len[r])
+    of block table row r into the scratch K and V [H_KV, total, D] at rows start[r] + token, as
+    (code − zero) · scale in float32 (the reference's arithmetic), rounded once to the scratch's type."""
+    rq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    S: tl.constexpr = H_KV * BLOCK_SIZE
+    n = tl.load(len_ptr + rq)
+    first = tl.load(start_ptr + rq).to(tl.int64)
+    toks = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = toks < n
+    blocks = tl.load(bt_ptr + rq * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
+    page = blocks.to(tl.int64) * stride_page
+    r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
+    codes = page + r * D
+    sc = (page + S * D) // 4 + r * 2
+    zp = tl.load(cache_ptr + page + S * (D + 8) + r, mask=valid, other=0).to(tl.int32)
+    j = tl.arange(0, D // 2)
+    kp = tl.load(cache_ptr + codes[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+    vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+    ks = tl.load(scale_ptr + sc, mask=valid, other=0.0)[:, None]
+    vs = tl.load(scale_ptr + sc + 1, mask=valid, other=0.0)[:, None]
+    kz = (zp & 0xF).to(tl.float32)[:, None]
+    vz = (zp >> 4).to(tl.float32)[:, None]
+    k = tl.join(((kp & 0xF).to(tl.float32) - kz) * ks, ((kp >> 4).to(tl.float32) - kz) * ks)
+    v = tl.join(((vp & 0xF).to(tl.float32) - vz) * vs, ((vp >> 4).to(tl.float32) - vz) * vs)
+    d = tl.arange(0, D)
+    dst = kvh.to(tl.int64) * stride_sh + (first + toks)[:, None] * D + d[None, :]
+    tl.store(k_ptr + dst, tl.reshape(k, (BLOCK_N, D)).to(k_ptr.dtype.element_ty), mask=valid[:, None])
+    tl.store(v_ptr + dst, tl.reshape(v, (BLOCK_N, D)).to(v_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+_GATHER_N = 64
+
+
+def kv4_gather(cache: torch.Tensor, head_dim: int, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               max_len: int, total: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K and V [H_kv, total, D] in ``dtype`` of the first ``seq_lens[r]`` tokens of each
+    ``block_tables[r]``, request after request (``total`` = Σ seq_lens and ``max_len`` = max
+    seq_lens, given by the caller from its host-side lengths), in one pass over the pages."""
+    _check_cache(cache, head_dim)
+    Hkv, R = cache.shape[1], seq_lens.shape[0]
+    scratch = torch.empty(2, Hkv, total, head_dim, dtype=dtype, device=cache.device)
+    if R and max_len:
+        lens = seq_lens.to(torch.int32)
+        starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+        bt = block_tables.to(torch.int32)
+        _kv4_gather_kernel[(R, triton.cdiv(max_len, _GATHER_N), Hkv)](
+            cache, _float32_view(cache), bt, lens, starts, scratch[0], scratch[1], bt.stride(0), cache.stride(0),
+            total * head_dim, H_KV=Hkv, BLOCK_SIZE=cache.shape[2], D=head_dim, BLOCK_N=_GATHER_N)
+    return scratch[0], scratch[1]
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA of q [H_q, n, D] over k, v [H_kv, L, D] (L ≥ n), aligned bottom-right: query i
+    sits at position L − n + i. is_causal (FlashAttention on CUDA) when n = L; else, in 16 bits on
+    CUDA, torch's lower-right CausalBias (FlashAttention with its bottom-right mask), elsewhere
+    an explicit mask."""
+    n, L = q.shape[1], k.shape[1]
+    if n == L:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        mask = causal_lower_right(n, L)
+    else:
+        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def causal_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, query_starts: list[int],
+                     seq_lens: list[int], softmax_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Request r's query tokens q[query_starts[r]:query_starts[r + 1]] [n, H_q, D] are the last n
+    of its seq_lens[r] tokens, whose K and V are rows [Σ seq_lens[:r], +seq_lens[r]) of K, V
+    [H_kv, total, D]; causal SDPA per request into ``out`` [T, H_q, D]. Host lists: no sync."""
+    kv0 = 0
+    for r, length in enumerate(seq_lens):
+        q0, q1 = query_starts[r], query_starts[r + 1]
+        if q1 > q0:
+            o = _causal_sdpa(q[q0:q1].transpose(0, 1), K[:, kv0:kv0 + length], V[:, kv0:kv0 + length],
+                             softmax_scale)
+            out[q0:q1] = o.transpose(0, 1)
+        kv0 += length
+    return out
+
+
+def kv4_prefill(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                query_starts: list[int], seq_lens_host: list[int], softmax_scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of prefill requests (see :func:`causal_attention`) over the int4 pages:
+    :func:`kv4_gather` into a scratch of q's dtype, then SDPA. ``seq_lens`` (device) and
+    ``seq_lens_host`` hold the same lengths; ``query_starts`` [R + 1] is relative to q."""
+    T, Hq, D = q.shape
+    out = torch.empty_like(q) if out is None else out
+    if len(query_starts) != len(seq_lens_host) + 1 or query_starts[-1] - query_starts[0] > T:
+        raise ValueError(f"{len(seq_lens_host)} requests need {len(seq_lens_host) + 1} query starts within "
+                         f"{T} tokens, got {query_starts}")
+    if Hq % cache.shape[1]:
+        raise ValueError(f"{Hq} query heads are not a multiple of {cache.shape[1]} KV heads")
+    K, V = kv4_gather(cache, D, block_tables, seq_lens, max(seq_lens_host, default=0), sum(seq_lens_host),
+                      q.dtype)
+    return causal_attention(q, K, V, query_starts, seq_lens_host, softmax_scale, out)

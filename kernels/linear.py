@@ -7,7 +7,8 @@ the path that runs where none applies.
 
 The fast paths, chosen once per layer by :func:`choose_linear_path`:
 
-- ``triton`` (CUDA): the Triton kernels on the packed int4 codes (kernels/int4_gemm.py);
+- ``triton`` (CUDA): the Triton kernels on int4 weight codes repacked once at load time
+  (:func:`prepare_triton_weights`, kernels/int4_gemm.py);
 - ``int8`` (CPU): integer activation codes times integer weight codes through
   ``torch._int_mm`` (kernels/cpu_int8.py).
 """
@@ -73,24 +74,42 @@ def choose_linear_path(device: torch.device | str, weights: WeightArgs, act: Act
 
 def triton_supported(weights: WeightArgs, act: ActivationArgs | None) -> tuple[bool, str]:
     """Whether :func:`quantized_linear_triton` covers a scheme (int4 symmetric per-channel or
-    grouped weights with 16-bit or int4 symmetric per-token activations), and if not, why."""
+    grouped weights with 16-bit activations or 4/8-bit symmetric per-token ones: the int8 codes of
+    both go through one kernel), and if not, why."""
     if weights.bits != 4 or not weights.symmetric:
         return False, (f"the Triton kernels take int4 symmetric weights; this checkpoint has {weights.bits}-bit "
                        f"{'symmetric' if weights.symmetric else 'asymmetric'} weights")
-    if act is not None and (act.bits != 4 or not act.symmetric):
-        return False, (f"the Triton kernels take 16-bit or int4 symmetric activations; this checkpoint has "
+    if act is not None and (act.bits not in (4, 8) or not act.symmetric):
+        return False, (f"the Triton kernels take 16-bit or 4/8-bit symmetric activations; this checkpoint has "
                        f"{act.bits}-bit {'symmetric' if act.symmetric else 'asymmetric'} ones")
     return True, ""
 
 
-def quantized_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                            bias: torch.Tensor | None, act: ActivationArgs | None,
-                            hadamard_size: int | None, input_slice: slice | None = None) -> torch.Tensor:
-    """:func:`quantized_linear` on the Triton kernels (packed int4 weights, no dequantized copy):
-    the online Hadamard fused with act_quant, then w4a4_gemm; or w4a16_gemm for 16-bit
-    activations."""
+class TritonWeights(NamedTuple):
+    """A layer's weights as the Triton kernels read them, built once at load time by
+    :func:`prepare_triton_weights`: codes int8 [N, K/2] in the GEMMs' tile layout
+    (``int4_gemm.repack_weights_for_int8_loop``), float32 scales [N, 1] or [N, K/G]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+
+def prepare_triton_weights(packed: torch.Tensor, scale: torch.Tensor) -> TritonWeights:
+    """The checkpoint's int32-packed int4 weights [N, K/8] and scales [N, K/G] → the layout both
+    Triton GEMMs (int8 activations and 16-bit ones) read, repacked once instead of per step."""
+    from rotq.kernels.int4_gemm import repack_weights_for_int8_loop
+
+    return TritonWeights(repack_weights_for_int8_loop(packed, scale.shape[-1]), scale.float().contiguous())
+
+
+def quantized_linear_triton(x: torch.Tensor, weights: TritonWeights, bias: torch.Tensor | None,
+                            act: ActivationArgs | None, hadamard_size: int | None,
+                            input_slice: slice | None = None) -> torch.Tensor:
+    """:func:`quantized_linear` on the Triton kernels (int4 weights, no dequantized copy): the
+    online Hadamard fused with the activation quantizer (int8 codes of 4 or 8 bits), then
+    int8_act_gemm; or w4a16_gemm for 16-bit activations."""
     from rotq.kernels.hadamard import hadamard, hadamard_act_quant
-    from rotq.kernels.int4_gemm import act_quant, w4a4_gemm, w4a16_gemm
+    from rotq.kernels.int4_gemm import act_quant, int8_act_gemm, w4a16_gemm
 
     lead = x.shape[:-1]
     if act is None:
@@ -98,13 +117,13 @@ def quantized_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.
             x = hadamard(x, hadamard_size)
         if input_slice is not None:
             x = x[..., input_slice]
-        y = w4a16_gemm(x, packed, scale)
+        y = w4a16_gemm(x, weights.codes, weights.scale)
     else:
         if hadamard_size == x.shape[-1]:
-            q, s = hadamard_act_quant(x, act.clip_ratio)
+            q, s = hadamard_act_quant(x, act.clip_ratio, act.bits)
         else:
-            q, s = act_quant(hadamard(x, hadamard_size) if hadamard_size else x, act.clip_ratio)
+            q, s = act_quant(hadamard(x, hadamard_size) if hadamard_size else x, act.clip_ratio, act.bits)
         if input_slice is not None:  # per-token scales came from the full row; keep our columns
-            q = q[:, input_slice.start // 2:input_slice.stop // 2].contiguous()
-        y = w4a4_gemm(q, s, packed, scale, out_dtype=x.dtype).reshape(*lead, -1)
+            q = q[:, input_slice]
+        y = int8_act_gemm(q, s, weights.codes, weights.scale, out_dtype=x.dtype).reshape(*lead, -1)
     return y if bias is None else y + bias

@@ -7,9 +7,10 @@ q ∈ [−2^(b−1), 2^(b−1) − 1] are stored offset by 2^(container−1) (ui
 codes as they are. This is byte-identical to compressed-tensors' ``pack_to_int32`` for 4 and 8
 bits, so the same tensors serve the rotq format and compressed-tensors ``pack-quantized``.
 
-The kernels' activations and KV cache hold int4 codes two per byte instead
-(:func:`pack_int4`): uint8 [..., K / 2], element 2j in the low nibble and 2j + 1 in the high
-one, the same nibble order as in the int32 words; signed codes again stored as q + 8 (uint4b8).
+The int4 KV cache holds codes two per byte instead (:func:`pack_int4`): uint8 [..., K / 2],
+element 2j in the low nibble and 2j + 1 in the high one, the same nibble order as in the int32
+words; signed codes again stored as q + 8 (uint4b8). (The GEMMs' activations are int8 codes, one
+per byte, and their weights are repacked for the int8 loop: kernels/int4_gemm.py.)
 """
 
 from __future__ import annotations

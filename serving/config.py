@@ -39,7 +39,14 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.layers.attention import Attention
 
 from rotq.kernels.cpu_int8 import int8_weight_codes, quantized_linear_int8
-from rotq.kernels.linear import choose_linear_path, dequantize_packed, quantized_linear, quantized_linear_triton
+from rotq.kernels.linear import (
+    TritonWeights,
+    choose_linear_path,
+    dequantize_packed,
+    prepare_triton_weights,
+    quantized_linear,
+    quantized_linear_triton,
+)
 from rotq.kernels.packing import pack_factor
 from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme
@@ -150,7 +157,11 @@ class RotqLinearMethod(LinearMethodBase):
         if path.reason:
             _log_once(f"rotq: {self.scheme.label} runs on the {path.name} path on "
                       f"{layer.weight_packed.device.type}: {path.reason}")
-        if path.name == "triton":  # the kernels read the packed codes; no dequantized copy
+        if path.name == "triton":  # int4 codes repacked once for the kernels' int8 loop; no dequantized copy
+            prepared = prepare_triton_weights(layer.weight_packed.data, layer.weight_scale.data)
+            layer.register_buffer("weight_triton_codes", prepared.codes, persistent=False)
+            layer.register_buffer("weight_triton_scale", prepared.scale, persistent=False)
+            _release(layer.weight_packed)
             return
         zp = getattr(layer, "weight_zero_point", None)
         zp = None if zp is None else zp.data
@@ -159,9 +170,11 @@ class RotqLinearMethod(LinearMethodBase):
                                              w.symmetric)
             layer.register_buffer("weight_codes", codes, persistent=False)
             layer.register_buffer("weight_scale_row", scale, persistent=False)
+            _release(layer.weight_packed)
             return
         weight = dequantize_packed(layer.weight_packed.data, layer.weight_scale.data, zp, w.bits, w.symmetric)
         layer.register_buffer("weight_dequant", weight.to(layer.rotq_dtype), persistent=False)
+        _release(layer.weight_packed)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         transform = self.scheme.activations is not None or self.online_hadamard
@@ -171,12 +184,18 @@ class RotqLinearMethod(LinearMethodBase):
         if transform and row_parallel:
             x, input_slice = _gather_row(layer, x)
         if layer.rotq_path == "triton":
-            return quantized_linear_triton(x, layer.weight_packed, layer.weight_scale, bias,
-                                           self.scheme.activations, hadamard, input_slice)
+            weights = TritonWeights(layer.weight_triton_codes, layer.weight_triton_scale)
+            return quantized_linear_triton(x, weights, bias, self.scheme.activations, hadamard, input_slice)
         if layer.rotq_path == "int8":
             return quantized_linear_int8(x, layer.weight_codes, layer.weight_scale_row, bias,
                                          self.scheme.activations, hadamard, input_slice)
         return quantized_linear(x, layer.weight_dequant, bias, self.scheme.activations, hadamard, input_slice)
+
+
+def _release(param: torch.nn.Parameter) -> None:
+    """Drop a checkpoint tensor the layer no longer reads (its codes now live in another layout),
+    so that the weights are not held twice."""
+    param.data = param.data.new_empty(0)
 
 
 @functools.cache

@@ -10,8 +10,11 @@ its own position, so a prefix written by an earlier request is reused as it is.
 
 The scheme comes from the layer's quantization config (a rotq checkpoint: its kv_cache
 quantizer and R3 flag); any other model gets an asymmetric int4 cache without clipping or R3.
-On CUDA the kernels are ``rotq.kernels.kv4``'s Triton kernels; elsewhere their PyTorch
-references (dequantize the pages of a sequence, then SDPA).
+On CUDA the kernels are ``rotq.kernels.kv4``'s Triton kernels (decode requests: the split-K
+decode kernel; prefill requests: one dequantizing gather of their pages, then SDPA) and R3 is the
+Triton Hadamard; elsewhere their PyTorch references (dequantize each request's pages, then SDPA;
+R3 in float64). The per-layer path reads no device tensor on the host: host-side lengths come
+from vLLM's host metadata once per step, so a decode step can be graph-captured.
 
 How it is plugged in: vLLM's CPU platform always picks the backend registered as CPU_ATTN, so
 the plugin overrides CPU_ATTN with :class:`RotqCPUAttentionBackend`, which hands every other
@@ -23,10 +26,9 @@ override). On CUDA it registers :class:`RotqKV4Backend` as the CUSTOM backend
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -42,6 +44,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode
 
 from rotq.kernels import kv4
+from rotq.kernels.hadamard import hadamard
 from rotq.quant.hadamard import apply_hadamard
 from rotq.quant.scheme import KVCacheArgs
 from rotq.serving.kv_cache_dtype import KV4_DTYPE
@@ -70,38 +73,31 @@ def kv4_spec(spec: AttentionSpec) -> AttentionSpec:
 @dataclass
 class KV4Metadata:
     num_actual_tokens: int
-    query_start_loc_cpu: torch.Tensor  # [num_reqs + 1]
-    seq_lens_cpu: torch.Tensor  # [num_reqs]: tokens in the cache after this step
+    num_decodes: int  # the leading requests with one query token each (vLLM orders decodes first)
+    query_starts: list[int]  # [num_reqs + 1], host
+    seq_lens_host: list[int]  # [num_reqs]: tokens in the cache after this step, host
+    seq_lens: torch.Tensor  # the same on the device
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
-    seq_idx: torch.Tensor  # [num_actual_tokens]: the request of each query token
-    positions: torch.Tensor  # [num_actual_tokens]: its position in the sequence
-    _runs: dict = field(default_factory=dict)  # query group size -> kv4.query_blocks on the device
-
-    def query_blocks(self, group: int, device) -> torch.Tensor | None:
-        """The step's runs of prefill tokens for the Triton kernel (built once per step, shared
-        by the layers); None for a decode-only step."""
-        if group not in self._runs:
-            runs = kv4.query_blocks(self.query_start_loc_cpu, group)
-            self._runs[group] = None if runs is None else runs.to(device)
-        return self._runs[group]
 
 
 def build_kv4_metadata(common: CommonAttentionMetadata) -> KV4Metadata:
+    """Host-side lengths from vLLM's host copies (query_start_loc_cpu, seq_lens_cpu_upper_bound:
+    exact for prefill rows; decode rows read only the device seq_lens); a caller without the
+    host bound costs one device-to-host copy here, once per step, never per layer."""
     n = common.num_reqs
-    qsl_cpu = common.query_start_loc_cpu[: n + 1].long()
-    seq_cpu = common.seq_lens[:n].cpu().long()
-    qlens = qsl_cpu[1:] - qsl_cpu[:-1]
-    seq_idx = torch.repeat_interleave(torch.arange(n), qlens)
-    # query i of request r sits at position seq_len - query_len + i
-    positions = torch.arange(int(qsl_cpu[-1])) - qsl_cpu[:-1][seq_idx] + (seq_cpu - qlens)[seq_idx]
-    device = common.seq_lens.device
+    starts = common.query_start_loc_cpu[: n + 1].tolist()
+    host = common.seq_lens_cpu_upper_bound
+    lens = (host if host is not None else common.seq_lens.cpu())[:n].tolist()
+    decodes = next((r for r in range(n) if starts[r + 1] - starts[r] != 1), n)
     T = common.num_actual_tokens
-    return KV4Metadata(T, qsl_cpu, seq_cpu, common.block_table_tensor[:n], common.slot_mapping[:T],
-                       seq_idx.to(device), positions.to(device))
+    return KV4Metadata(T, decodes, starts, lens, common.seq_lens[:n], common.block_table_tensor[:n],
+                       common.slot_mapping[:T])
 
 
 class KV4MetadataBuilder(AttentionMetadataBuilder[KV4Metadata]):
+    reorder_batch_threshold = 1  # decodes first: they run as one decode-kernel launch
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in the base class
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
@@ -124,19 +120,23 @@ def layer_kv_scheme(layer) -> tuple[KVCacheArgs, bool]:
     return kv, scheme.rotation.r3
 
 
+def _r3(x: torch.Tensor, triton: bool) -> torch.Tensor:
+    """R3 over each head: the Triton Hadamard kernel on the Triton path, float64 PyTorch elsewhere."""
+    return hadamard(x, x.shape[-1]) if triton else apply_hadamard(x)
+
+
 def kv4_store(layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
               slot_mapping: torch.Tensor, triton: bool | None = None) -> None:
     """Quantize the new tokens' K (after R3) and V into the pages at ``slot_mapping`` (with the
-    Triton kernel when ``triton``, by default on CUDA)."""
+    Triton kernels when ``triton``, by default on CUDA); padded tokens (slot −1) are skipped by
+    the store itself."""
     args, r3 = layer_kv_scheme(layer)
+    triton = kv_cache.is_cuda if triton is None else triton
     T = slot_mapping.shape[0]
     key, value = key[:T], value[:T]
     if r3:
-        key = apply_hadamard(key)
-    valid = slot_mapping >= 0  # padded tokens carry slot -1
-    if not bool(valid.all()):
-        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    if kv_cache.is_cuda if triton is None else triton:
+        key = _r3(key, triton)
+    if triton:
         kv4.kv_quant_store(key.contiguous(), value.contiguous(), kv_cache, slot_mapping, args.clip_ratio,
                            args.symmetric)
     else:
@@ -146,31 +146,28 @@ def kv4_store(layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Ten
 def kv4_forward(layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: KV4Metadata, scale: float,
                 output: torch.Tensor, triton: bool | None = None) -> torch.Tensor:
     """Causal attention of the step's query tokens over the pages (their own K/V already
-    stored); the Triton kernel when ``triton`` (by default on CUDA), else per request: gather
-    and dequantize its pages, then SDPA."""
+    stored). With ``triton`` (by default on CUDA): the decode kernel for the leading decode
+    requests, the gather + SDPA prefill for the rest; else every request through the PyTorch
+    gather and the same SDPA."""
     _, r3 = layer_kv_scheme(layer)
+    triton = kv_cache.is_cuda if triton is None else triton
     T = meta.num_actual_tokens
     q = query[:T]
     if r3:
-        q = apply_hadamard(q)
+        q = _r3(q, triton)
     out = output[:T].view(T, q.shape[1], q.shape[2])
-    if kv_cache.is_cuda if triton is None else triton:
-        kv4.kv4_attention(q.contiguous(), kv_cache, meta.block_table, meta.seq_idx, meta.positions, scale, out=out,
-                          q_blocks=meta.query_blocks(q.shape[1] // kv_cache.shape[1], q.device))
-        return output
     D = q.shape[-1]
-    for r in range(meta.seq_lens_cpu.shape[0]):
-        start, end = int(meta.query_start_loc_cpu[r]), int(meta.query_start_loc_cpu[r + 1])
-        length = int(meta.seq_lens_cpu[r])
-        if end == start:
-            continue
-        K, V = kv4.gather_sequence(kv_cache, D, meta.block_table[r], length)  # [L, H_kv, D]
-        qr = q[start:end].transpose(0, 1)  # [H_q, q_len, D]
-        first = length - (end - start)  # position of the first query token
-        allowed = torch.arange(length)[None, :] <= (first + torch.arange(end - start))[:, None]
-        o = F.scaled_dot_product_attention(qr, K.transpose(0, 1).to(q.dtype), V.transpose(0, 1).to(q.dtype),
-                                           attn_mask=allowed, scale=scale, enable_gqa=True)
-        out[start:end] = o.transpose(0, 1)
+    if not triton:
+        K, V = kv4.kv4_gather_reference(kv_cache, D, meta.block_table, meta.seq_lens_host, q.dtype)
+        kv4.causal_attention(q, K, V, meta.query_starts, meta.seq_lens_host, scale, out)
+        return output
+    nd, starts = meta.num_decodes, meta.query_starts
+    if nd:
+        kv4.kv4_decode(q[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens[:nd], scale, out=out[:nd])
+    if nd < len(meta.seq_lens_host):
+        q0 = starts[nd]
+        kv4.kv4_prefill(q[q0:], kv_cache, meta.block_table[nd:], meta.seq_lens[nd:], [s - q0 for s in starts[nd:]],
+                        meta.seq_lens_host[nd:], scale, out=out[q0:])
     return output
 
 

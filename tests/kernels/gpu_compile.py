@@ -1,5 +1,8 @@
 """Compile every Triton kernel for a real GPU (Hopper, sm_90) with the tile configurations and
 constants that production launches use; prints one line per case and exits 1 on any failure.
+Pointer and stride arguments that production passes 16-aligned are compiled as such (Triton
+specializes on it at launch), so the PTX is the one that runs; the GEMM cases then assert on it
+what the int8 main loop is designed to be (see ``check_int8_loop``).
 
 Run by tests/kernels/test_cuda_compile.py in a subprocess without TRITON_INTERPRET (under the
 interpreter, @triton.jit yields functions the compiler cannot take). Compiling to a cubin needs
@@ -11,6 +14,7 @@ no GPU, only Triton's bundled ptxas.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -27,14 +31,16 @@ from rotq.kernels import int4_gemm, kv4  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_gpu(fn, types: dict, constexprs: dict, **options):
-    """A cubin for ``fn`` (a JIT function) with argument ``types`` and ``constexprs``."""
+def compile_for_gpu(fn, types: dict, constexprs: dict, aligned=(), **options):
+    """A cubin for ``fn`` (a JIT function) with argument ``types`` and ``constexprs``; the
+    arguments named in ``aligned`` are multiples of 16 (as Triton specializes them at launch)."""
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
     if missing:
         raise ValueError(f"no value for constexpr arguments {missing}")
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=HOPPER,
-                            options=options)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=HOPPER, options=options)
     if not kernel.asm["cubin"]:
         raise RuntimeError("empty cubin")
     return kernel
@@ -44,7 +50,10 @@ def _ints(*names):
     return {n: "i32" for n in names}
 
 
-GEMM_INTS = _ints("M", "N", "K", "stride_a", "stride_x", "stride_w", "stride_ws", "stride_c", "M_BUCKET")
+GEMM_INTS = _ints("M", "N", "K", "stride_a", "stride_x", "stride_w", "stride_ws", "stride_c")
+# 16-aligned at launch for Llama-shaped layers (torch allocations, N and K multiples of 16)
+GEMM_ALIGNED = ("a_ptr", "x_ptr", "w_ptr", "c_ptr", "as_ptr", "ws_ptr", "N", "K", "stride_a", "stride_x", "stride_w",
+                "stride_c")
 KV_INTS = _ints("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_page", "stride_qt", "stride_qh",
                 "stride_bt", "stride_ot", "stride_oh")
 
@@ -52,20 +61,31 @@ KV_INTS = _ints("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_page
 def cases():
     """(name, kernel, argument types, constexprs, compile options) for every production variant."""
     for x in ("*bf16", "*fp16", "*fp32"):
-        yield (f"act_quant {x}", int4_gemm._act_quant_kernel,
-               {"x_ptr": x, "q_ptr": "*u8", "s_ptr": "*fp32", **_ints("K", "stride_x", "stride_q"), "clip": "fp32"},
-               {"BLOCK": 4096}, {"num_warps": 8})
-    for c in int4_gemm._TILES:
-        opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
-        for block_k, grouped in ((128, False), (64, False), (64, True)):
-            yield (f"w4a4_gemm {c.kwargs} BLOCK_K {block_k} grouped {grouped}", int4_gemm._w4a4_kernel,
-                   {"a_ptr": "*u8", "as_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*fp32", "c_ptr": "*bf16",
-                    **GEMM_INTS},
-                   {**c.kwargs, "GROUP": 128 if grouped else 4096, "GROUPED": grouped, "BLOCK_K": block_k}, opts)
-        for x in ("*bf16", "*fp16", "*fp32"):
-            yield (f"w4a16_gemm {c.kwargs} {x}", int4_gemm._w4a16_kernel,
-                   {"x_ptr": x, "w_ptr": "*i32", "ws_ptr": "*fp32", "c_ptr": x, **GEMM_INTS},
-                   {**c.kwargs, "GROUP": 128, "BLOCK_K": 64, "PRECISION": "ieee" if x == "*fp32" else "tf32"}, opts)
+        for bits in (4, 8):
+            yield (f"act_quant {x} {bits}-bit", int4_gemm._act_quant_kernel,
+                   {"x_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32", **_ints("K", "stride_x", "stride_q"), "clip": "fp32"},
+                   {"QMAX": int4_gemm.act_qmax(bits), "BLOCK": 4096}, {"num_warps": 8})
+    # the plans of Llama-3-8B's q/k/v projection (N 6144, K 4096) at each M bucket, split K where
+    # production splits it, per channel and grouped (groups of 128; and BLOCK_K 64 for groups of 64)
+    for M in (1, 16, 32, 64, 2048):
+        for group in (4096, 128, 64):
+            plan = int4_gemm.gemm_plan(M, 6144, 4096, group, "cpu")
+            tiles = {"BLOCK_M": plan.BLOCK_M, "BLOCK_N": plan.BLOCK_N, "BLOCK_K": plan.BLOCK_K}
+            opts = {"num_warps": plan.num_warps, "num_stages": plan.num_stages, "aligned": GEMM_ALIGNED}
+            grouped = group < 4096
+            for atomic in sorted({False, plan.split > 1}):
+                out = "*fp32" if atomic else "*bf16"
+                yield (f"int8_act_gemm M {M} {tiles} group {group} split {plan.split if atomic else 1}",
+                       int4_gemm._int8_act_kernel,
+                       {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "c_ptr": out,
+                        "split": "i32", **GEMM_INTS},
+                       {**tiles, "GROUP": group, "GROUPED": grouped, "ATOMIC": atomic}, opts)
+            if group == 64:
+                continue
+            for x in ("*bf16", "*fp16", "*fp32"):
+                yield (f"w4a16_gemm M {M} {tiles} group {group} {x}", int4_gemm._w4a16_kernel,
+                       {"x_ptr": x, "w_ptr": "*i8", "ws_ptr": "*fp32", "c_ptr": x, **GEMM_INTS},
+                       {**tiles, "GROUP": group, "PRECISION": "ieee" if x == "*fp32" else "tf32"}, opts)
     for n in (64, 128, 576, 1536, 14336):
         k, p, kp, at = hk._plan(n, "cpu")
         consts = {"KP": kp, "P": p, "LOG_P": p.bit_length() - 1, "HAS_A": at is not None}
@@ -73,26 +93,65 @@ def cases():
         common = {"at_ptr": "*fp32", "K": "i32", "stride_x": "i32", "inv_sqrt_n": "fp32"}
         yield (f"hadamard {n}", hk._hadamard_kernel,
                {"x_ptr": "*bf16", "y_ptr": "*bf16", "stride_y": "i32", **common}, consts, warps)
-        yield (f"hadamard_act_quant {n}", hk._hadamard_quant_kernel,
-               {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "stride_q": "i32", "clip": "fp32", **common},
-               consts, warps)
+        for bits in (4, 8):
+            yield (f"hadamard_act_quant {n} {bits}-bit", hk._hadamard_quant_kernel,
+                   {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "stride_q": "i32", "clip": "fp32", **common},
+                   {**consts, "QMAX": int4_gemm.act_qmax(bits)}, warps)
     for d in (64, 128):
         for symmetric in (False, True):
             yield (f"kv_quant_store D {d} symmetric {symmetric}", kv4._kv_store_kernel,
                    {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32",
                     "slot_ptr": "*i64", "clip": "fp32", **KV_INTS},
                    {"H": 8, "BLOCK_SIZE": 16, "D": d, "SYMMETRIC": symmetric}, kv4.EXACT_FLOAT)
-        for splits, blocked in ((1, False), (8, False), (1, True), (8, True)):
-            yield (f"kv4_attention D {d} splits {splits} blocked {blocked}", kv4._kv4_attention_kernel,
-                   {"q_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "seq_ptr": "*i32",
-                    "pos_ptr": "*i32", "qb_ptr": "*i32", "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
-                    "softmax_scale": "fp32", "chunk": "i32", **KV_INTS},
-                   {"H_KV": 8, "BLOCK_SIZE": 16, "GROUP": 4, "GROUP_P": 4 if blocked else 16,
-                    "BLOCK_M": kv4._block_m(4) if blocked else 1, "BLOCKED": blocked, "D": d, "BLOCK_N": 32,
-                    "SPLITS": splits}, {})
+        for h_kv, group, splits in ((8, 4, 1), (8, 4, 33), (4, 7, 8), (32, 1, 1)):
+            yield (f"kv4_decode D {d} group {group} splits {splits}", kv4._kv4_decode_kernel,
+                   {"q_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32",
+                    "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32", "softmax_scale": "fp32", **KV_INTS},
+                   {"H_KV": h_kv, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_P": 16, "D": d,
+                    "BLOCK_N": kv4._BLOCK_N, "SPLITS": splits}, {})
         yield (f"kv4 combine D {d}", kv4._kv4_combine_kernel,
                {"part_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "stride_ot": "i32", "stride_oh": "i32"},
-               {"H_Q": 32, "SPLITS": 6, "SPLITS_P": 8, "D": d}, {})
+               {"H_Q": 32, "SPLITS": 33, "SPLITS_P": 64, "D": d}, {})
+        yield (f"kv4_gather D {d}", kv4._kv4_gather_kernel,
+               {"cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "start_ptr": "*i32",
+                "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_sh": "i32", **KV_INTS},
+               {"H_KV": 8, "BLOCK_SIZE": 16, "D": d, "BLOCK_N": kv4._GATHER_N}, {})
+
+
+def main_loop(ptx: str) -> str:
+    """The PTX of the kernel's innermost loop (from its header label to the branch back to it)."""
+    lines = ptx.splitlines()
+    heads = [i for i, line in enumerate(lines) if "Inner Loop Header" in line]
+    if len(heads) != 1:
+        raise RuntimeError(f"expected one inner loop in the GEMM, found {len(heads)}")
+    label = lines[heads[0]].split(":")[0]
+    back = [i for i, line in enumerate(lines) if re.search(rf"\bbra(\.uni)?\s+{re.escape(label)};", line)]
+    return "\n".join(lines[heads[0]:max(back) + 1])
+
+
+# wgmma with its A operand (the weights: C^T = W A^T) in registers: {accumulators}, {A registers}, B descriptor
+_WGMMA_REG_A = r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k\d+\.{}\s+\{{[^}}]*\}},\s*\{{[^}}]*\}},\s*%rd"
+
+
+def check_int8_loop(name: str, ptx: str) -> None:
+    """What the GEMMs' design needs, on their PTX for sm_90: Hopper's MMA (wgmma; int8 ×
+    int8 → int32 for int8_act_gemm, 16-bit × 16-bit → float32 for w4a16_gemm) with the unpacked
+    weights as its register operand; loads pipelined with cp.async; no st.shared in the main loop
+    but, for grouped weights, one 32-bit store (the group scales' change of layout: the weight tile
+    itself never returns to shared memory); split K adds its float32 partials with red.global."""
+    kind = "s32\\.s8\\.s8" if name.startswith("int8_act_gemm") else "f32\\.(bf16\\.bf16|f16\\.f16)"
+    if not re.search(_WGMMA_REG_A.format(kind), ptx):
+        mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*", ptx)))
+        raise RuntimeError(f"no wgmma {kind} with the weights in registers; MMAs: {mma}")
+    if "cp.async.cg.shared.global" not in ptx and "cp.async.ca.shared.global" not in ptx:
+        raise RuntimeError("the main loop's loads are not pipelined (no cp.async)")
+    stores = re.findall(r"st\.shared[\w.]*", main_loop(ptx))
+    allowed = ["st.shared.b32"] if "group 4096 " not in name else []
+    if stores and stores != allowed:
+        raise RuntimeError(f"stores to shared memory in the main loop: {stores}")
+    split = re.search(r"split (\d+)$", name)
+    if split and int(split.group(1)) > 1 and not re.search(r"(red|atom)\.global[\w.]*\.add[\w.]*f32", ptx):
+        raise RuntimeError("split K without float32 atomic adds")
 
 
 _NOT_CONSTEXPR = 3.0
@@ -111,6 +170,8 @@ def main() -> int:
             if name.startswith("kv_quant_store") and "fma." in kernel.asm["ptx"]:
                 raise RuntimeError("fused multiply-adds in the KV quantizer: its codes would differ from "
                                    "calibration's")
+            if name.startswith("int8_act_gemm") or (name.startswith("w4a16_gemm") and not name.endswith("*fp32")):
+                check_int8_loop(name, kernel.asm["ptx"])
             print(f"ok   {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - every failure is listed, then the exit status says it
             failed += 1

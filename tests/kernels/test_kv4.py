@@ -1,20 +1,25 @@
 """Int4 paged KV cache kernels against their references: the store reproduces the calibration's
-KV quantizer bit for bit, attention over the packed cache matches float64 attention over the
-dequantized cache, for decode and chunked prefill, with GQA, scattered pages and a cache that
-is a strided view (as vLLM hands it over)."""
+KV quantizer bit for bit, the gather dequantizes exactly as the reference does, and decode and
+(chunked) prefill attention over the packed cache match float64 attention over the dequantized
+cache, with GQA groups 1 to 7, head_dim 64 and 128, odd context lengths, scattered pages and a
+cache that is a strided view (as vLLM hands it over). On a GPU, decode, store and prefill also
+run without a host sync and decode replays from a CUDA graph."""
 
 import pytest
 import torch
 
 from rotq.kernels.kv4 import (
-    page_views,
     dequantize_kv,
-    kv4_attention,
     kv4_attention_reference,
+    kv4_decode,
+    kv4_gather,
+    kv4_gather_reference,
+    kv4_prefill,
     kv_quant_store,
-    query_blocks,
     kv_store_reference,
     new_cache,
+    num_splits,
+    page_views,
     row_bytes,
 )
 from rotq.quant.quantizer import fake_quantize_kv
@@ -74,73 +79,108 @@ def test_store_equals_the_calibration_quantizer(T, H, D, symmetric):
     assert torch.equal(cache.cpu(), ref)  # byte for byte, meta included
 
 
-@pytest.mark.parametrize("lens,Hq,Hkv,D,chunk,splits,max_blocks", [
-    ([1, 9], 4, 2, 64, 1, None, 6),         # decode, GQA 2
-    ([37, 5, 20], 6, 3, 64, 1, None, 6),    # decode, odd lengths, several pages
-    ([23, 11], 4, 1, 128, 7, None, 6),      # chunked prefill: the last 7 tokens of each sequence as queries
-    ([37, 5, 20], 6, 3, 64, 1, 3, 6),       # split context: chunks of 32, the third past every sequence
-    ([301, 77], 8, 2, 64, 3, 5, 40),        # split long context, a chunk of 3 queries per sequence
-    ([45], 12, 12, 64, 2, 2, 6),            # no GQA (group 1, padded to 16 rows)
-    ([90, 40], 4, 2, 64, 40, None, 12),     # prefill chunks of 40: runs of 32 + 8 tokens (group 2)
-    ([50], 12, 1, 64, 20, 2, 7),            # group 12: runs of 4 tokens × 16 rows, split context
-])
-@pytest.mark.parametrize("blocked", [False, True], ids=["per-token", "runs"])
-def test_attention_matches_float64(lens, Hq, Hkv, D, chunk, splits, max_blocks, blocked):
-    g = torch.Generator().manual_seed(sum(lens) + Hq + D)
-    block_size = 8
+def _filled_cache(lens, Hkv, D, block_size, max_blocks, g):
+    """A strided cache holding random K/V for sequences of ``lens`` tokens on scattered pages."""
     num_blocks = len(lens) * max_blocks
     cache = _strided_cache(num_blocks, block_size, Hkv, D)
-    tables = torch.randperm(num_blocks, generator=g).reshape(len(lens), max_blocks)  # scattered pages
-    qs, seq_idx, positions = [], [], []
+    tables = torch.randperm(num_blocks, generator=g).reshape(len(lens), max_blocks)
     for b, n in enumerate(lens):
         k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
         t = torch.arange(n)
         slots = tables[b][t // block_size] * block_size + t % block_size
         kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, slots.to(DEVICE), 0.95)
-        for p in range(max(0, n - chunk), n):
-            qs.append(torch.randn(Hq, D, generator=g))
-            seq_idx.append(b)
-            positions.append(p)
-    q = torch.stack(qs)
-    seq_idx, positions = torch.tensor(seq_idx), torch.tensor(positions)
+    return cache, tables
+
+
+@pytest.mark.parametrize("lens,Hq,Hkv,D,block_size,last,splits,max_blocks", [
+    ([1, 9], 4, 2, 64, 8, 1, None, 6),          # decode, GQA 2
+    ([37, 5, 20], 28, 4, 64, 8, 1, None, 6),    # group 7, odd lengths, several pages
+    ([23, 11], 4, 1, 128, 16, 3, None, 3),      # rows at each sequence's last 3 positions share its pages
+    ([37, 5, 20], 6, 3, 64, 8, 1, 3, 6),        # split context, the shortest sequence's later splits empty
+    ([301, 77], 8, 2, 64, 16, 2, 5, 20),        # split long context, several tiles per split
+    ([45], 12, 12, 64, 8, 2, 2, 6),             # no GQA (group 1, padded to 16 rows)
+    ([130, 3], 28, 4, 128, 32, 1, 4, 5),        # group 7, D 128, pages of 32, 130 = 4 pages + 2
+])
+def test_decode_matches_float64(lens, Hq, Hkv, D, block_size, last, splits, max_blocks):
+    g = torch.Generator().manual_seed(sum(lens) + Hq + D)
+    cache, tables = _filled_cache(lens, Hkv, D, block_size, max_blocks, g)
+    rows = [(b, p + 1) for b, n in enumerate(lens) for p in range(max(0, n - last), n)]
+    row_tables = tables[[b for b, _ in rows]]
+    row_lens = torch.tensor([n for _, n in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), Hq, D, generator=g)
     scale = D ** -0.5
-    # runs: the query tokens of each sequence share their K/V tiles (as vLLM's query_start_loc gives them)
-    starts = torch.tensor([0] + [min(chunk, n) for n in lens]).cumsum(0)
-    blocks = query_blocks(starts, Hq // Hkv) if blocked else None
-    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq_idx.to(DEVICE), positions.to(DEVICE), scale,
-                        splits=splits, q_blocks=None if blocks is None else blocks.to(DEVICE))
-    ref = kv4_attention_reference(q, cache.cpu(), tables, seq_idx, positions, scale)
+    out = kv4_decode(q.to(DEVICE), cache, row_tables.to(DEVICE), row_lens.to(DEVICE), scale, splits=splits)
+    ref = kv4_attention_reference(q, cache.cpu(), row_tables, row_lens, scale)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_query_blocks_split_each_request_into_runs():
-    from rotq.kernels.kv4 import _block_m
-    assert query_blocks(torch.tensor([0, 1, 2, 3]), 4) is None  # decode only: one program per token
-    step = _block_m(4)
-    blocks = query_blocks(torch.tensor([0, 1, 1 + 2 * step + 3]), 4).tolist()
-    assert blocks == [[0, 1], [1, step], [1 + step, step], [1 + 2 * step, 3]]  # the empty request: no run
+def test_split_count_fills_an_h200():
+    """Two programs per SM of an H100/H200 (132) at small batch, never more splits than 128-token
+    pieces of the context, one split once the batch fills the GPU."""
+    assert num_splits(1, 8, 32768, 132) == 33
+    assert 1 * 8 * num_splits(1, 8, 2048, 132) >= 128  # 16 splits of 128 tokens
+    assert num_splits(16, 8, 8192, 132) == 3
+    assert num_splits(64, 8, 32768, 132) == 1
+    assert num_splits(1, 8, 100, 132) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_equals_the_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    lens, Hkv, D = [70, 1, 0, 33], 3, 128
+    cache, tables = _filled_cache(lens, Hkv, D, 16, 5, g)
+    lens_dev = torch.tensor(lens).to(DEVICE)
+    K, V = kv4_gather(cache, D, tables.to(DEVICE), lens_dev, max(lens), sum(lens), dtype)
+    K_ref, V_ref = kv4_gather_reference(cache.cpu(), D, tables, lens, dtype)
+    assert K.shape == (Hkv, sum(lens), D) and K.dtype == dtype
+    if dtype == torch.float32 or DEVICE == "cuda":
+        assert torch.equal(K.cpu(), K_ref) and torch.equal(V.cpu(), V_ref)
+    else:  # Triton's interpreter rounds float32 -> bfloat16 toward zero: one unit in the last place
+        for X, X_ref in ((K, K_ref), (V, V_ref)):
+            torch.testing.assert_close(X.cpu(), X_ref, rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("cached,new,Hq,Hkv,D,block_size", [
+    ([0, 13], [21, 9], 28, 4, 128, 16),     # a fresh prompt, a chunk after a cached prefix; group 7
+    ([40, 0, 5], [7, 1, 30], 4, 4, 64, 8),  # group 1; a one-token prompt; chunks after prefixes
+    ([17], [50], 8, 2, 64, 32),             # 67 tokens on pages of 32
+])
+def test_prefill_matches_float64(cached, new, Hq, Hkv, D, block_size):
+    g = torch.Generator().manual_seed(sum(cached) + sum(new) + D)
+    lens = [c + n for c, n in zip(cached, new)]
+    cache, tables = _filled_cache(lens, Hkv, D, block_size, -(-max(lens) // block_size) + 1, g)
+    starts = [0, *torch.tensor(new).cumsum(0).tolist()]
+    q = torch.randn(starts[-1], Hq, D, generator=g)
+    scale = D ** -0.5
+    out = kv4_prefill(q.to(DEVICE), cache, tables.to(DEVICE), torch.tensor(lens).to(DEVICE), starts, lens, scale)
+    rows = [(r, c + i + 1) for r, (c, n) in enumerate(zip(cached, new)) for i in range(n)]
+    ref = kv4_attention_reference(q, cache.cpu(), tables[[r for r, _ in rows]], [n for _, n in rows], scale)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_in_half_precision(dtype):
-    """q in bfloat16 / float16 (as vLLM serves): the result is the float64 attention of that q,
-    rounded once to the output type."""
+    """q in bfloat16 / float16 (as vLLM serves): decode gives the float64 attention of that q
+    rounded once to the output type; prefill (over a scratch of that type) stays within its
+    rounding."""
     g = torch.Generator().manual_seed(5)
     Hq, Hkv, D, n = 8, 2, 128, 70
-    cache = _strided_cache(10, 8, Hkv, D)
-    k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
-    kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, torch.arange(n).to(DEVICE), 0.95)
-    tables = torch.arange(10).reshape(1, 10)
+    cache, tables = _filled_cache([n], Hkv, D, 8, 10, g)
     q = torch.randn(3, Hq, D, generator=g).to(dtype)
-    seq, pos = torch.zeros(3, dtype=torch.long), torch.tensor([n - 3, n - 2, n - 1])
-    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq.to(DEVICE), pos.to(DEVICE), D ** -0.5)
+    lens = torch.tensor([n - 2, n - 1, n])
+    rows = tables.expand(3, -1)
+    ref = kv4_attention_reference(q.float(), cache.cpu(), rows, lens, D ** -0.5)
+    tol = dict(rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+    out = kv4_decode(q.to(DEVICE), cache, rows.to(DEVICE), lens.to(DEVICE), D ** -0.5)
     assert out.dtype == dtype
-    ref = kv4_attention_reference(q.float(), cache.cpu(), tables, seq, pos, D ** -0.5)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+    torch.testing.assert_close(out.cpu().double(), ref, **tol)
+    out = kv4_prefill(q.to(DEVICE), cache, tables.to(DEVICE), torch.tensor([n]).to(DEVICE), [0, 3], [n], D ** -0.5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("q_gain,v_gain", [(1e8, 1.0), (1e-6, 1.0), (1.0, 1e-6), (1.0, 3e5)])
-def test_attention_accuracy_at_extreme_magnitudes(q_gain, v_gain):
+def test_decode_accuracy_at_extreme_magnitudes(q_gain, v_gain):
     """The float16 parts are taken of q and p·v_scale scaled by powers of two, so queries or
     values far outside float16's range keep float32-grade accuracy."""
     g = torch.Generator().manual_seed(11)
@@ -148,16 +188,29 @@ def test_attention_accuracy_at_extreme_magnitudes(q_gain, v_gain):
     cache = _strided_cache(6, 8, Hkv, D)
     k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g) * v_gain
     kv_quant_store(k.to(DEVICE), v.to(DEVICE), cache, torch.arange(n).to(DEVICE), 1.0)
-    tables = torch.arange(6).reshape(1, 6)
+    tables = torch.arange(6).reshape(1, 6).expand(2, -1)
     q = torch.randn(2, Hq, D, generator=g) * q_gain / 64  # large gains: one-hot softmax, no inf
-    seq, pos = torch.zeros(2, dtype=torch.long), torch.tensor([n - 2, n - 1])
-    out = kv4_attention(q.to(DEVICE), cache, tables.to(DEVICE), seq.to(DEVICE), pos.to(DEVICE), D ** -0.5)
-    ref = kv4_attention_reference(q, cache.cpu(), tables, seq, pos, D ** -0.5)
+    lens = torch.tensor([n - 1, n])
+    out = kv4_decode(q.to(DEVICE), cache, tables.to(DEVICE), lens.to(DEVICE), D ** -0.5)
+    ref = kv4_attention_reference(q, cache.cpu(), tables, lens, D ** -0.5)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
-def test_bad_caches_are_refused():
+def test_padded_slots_are_skipped():
+    """vLLM pads a step's tokens with slot −1: neither store writes anything for them."""
+    k = torch.randn(3, 2, 64)
+    slots = torch.tensor([5, -1, 40])
+    ref = new_cache(4, 16, 2, 64)
+    kv_store_reference(k, k, ref, slots, 1.0)
+    cache = _strided_cache(4, 16, 2, 64)
+    kv_quant_store(k.to(DEVICE), k.to(DEVICE), cache, slots.to(DEVICE), 1.0)
+    assert torch.equal(cache.cpu(), ref)
+    _, scales, _ = page_views(ref, 64)
+    assert scales.any(-1).nonzero().tolist() == [[0, 0, 5], [0, 1, 5], [2, 0, 8], [2, 1, 8]]
+
+
+def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="block_size, 73"):
         page_views(torch.zeros(2, 1, 4, 64, dtype=torch.uint8), 64)
     odd = torch.zeros(2 * 4 * 73 + 1, dtype=torch.uint8)[1:].reshape(2, 1, 4, 73)
@@ -165,3 +218,45 @@ def test_bad_caches_are_refused():
         kv_quant_store(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), odd, torch.zeros(1, dtype=torch.long), 1.0)
     with pytest.raises(ValueError, match="must be contiguous"):
         page_views(new_cache(2, 4, 2, 64).transpose(1, 2), 64)
+    cache, one = new_cache(2, 4, 2, 64), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
+        kv4_decode(torch.zeros(1, 3, 64), cache, one[None], one, 1.0)
+    with pytest.raises(ValueError, match="2 query rows but block tables"):
+        kv4_decode(torch.zeros(2, 4, 64), cache, one[None], one, 1.0)
+    with pytest.raises(ValueError, match="1 requests need 2 query starts"):
+        kv4_prefill(torch.zeros(1, 4, 64), cache, one[None], one, [0], [1], 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs and CUDA graphs need a GPU")
+def test_cuda_paths_do_not_sync_and_decode_replays_from_a_graph():
+    """Store and decode (what a graph-captured decode step runs) and prefill make no host sync;
+    a captured decode replays to the eager result after its inputs change in place."""
+    from rotq.kernels.hadamard import hadamard
+    g = torch.Generator().manual_seed(2)
+    Hq, Hkv, D, B, bs = 32, 8, 128, 4, 16
+    cache, tables = _filled_cache([300, 20, 77, 1], Hkv, D, bs, 20, g)
+    tables = tables.to(DEVICE, torch.int32)
+    lens = torch.tensor([301, 21, 78, 2], device=DEVICE, dtype=torch.int32)
+    slots = (tables[torch.arange(B, device=DEVICE), (lens - 1) // bs] * bs + (lens - 1) % bs).long()
+    q = torch.randn(B, Hq, D, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, D, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def step():
+        kv_quant_store(hadamard(k, D), k, cache, slots, 0.95)
+        kv4_decode(hadamard(q, D), cache, tables, lens, D ** -0.5, out=out)
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()  # compiles and plans outside the capture
+        kv4_prefill(q, cache, tables, lens, [0, 1, 2, 3, 4], [301, 21, 78, 2], D ** -0.5)  # bottom-right mask
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    replayed = out.clone()
+    step()
+    torch.testing.assert_close(replayed, out, rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """The int4 KV cache backend's computation, without an engine: metadata from vLLM's own
-CommonAttentionMetadata for a step that mixes a decode, a prefill chunk that continues a
-cached prefix, and a fresh prompt; both compute paths (PyTorch reference, the Triton kernels
-that CUDA uses, here under the interpreter) against float64 attention over the quantized K/V."""
+CommonAttentionMetadata for a step that mixes decodes, a prefill chunk that continues a cached
+prefix, and a fresh prompt (decodes first, as vLLM orders them for this backend, and not);
+both compute paths (PyTorch reference, the Triton kernels and Triton R3 that CUDA uses, here
+under the interpreter) against float64 attention over the quantized K/V."""
 
 from types import SimpleNamespace
 
@@ -31,37 +32,41 @@ def _common(cached, new, block_size, tables):
 
 
 @pytest.mark.parametrize("triton", [False, True])
-def test_mixed_step_matches_float64(triton):
+@pytest.mark.parametrize("cached,new,decodes", [
+    ([40, 70, 33, 0], [1, 1, 15, 7], 2),  # two decodes, a chunk after a cached prefix, a new prompt
+    ([33, 40, 0], [15, 1, 7], 0),         # a decode after a prefill: served by the prefill path
+])
+def test_mixed_step_matches_float64(triton, cached, new, decodes):
     g = torch.Generator().manual_seed(1)
     Hq, Hkv, D, bs = 6, 2, 64, 32
     scheme = preset("w4a4kv4", "hadamard")
     layer = SimpleNamespace(quant_config=SimpleNamespace(scheme=scheme))
     kv: KVCacheArgs = scheme.kv_cache
-    cached, new = [40, 33, 0], [1, 15, 7]  # decode, a chunk after a cached prefix, a new prompt
-    tables = torch.randperm(12, generator=g).reshape(3, 4)
-    cache = new_cache(24, bs, Hkv, D)[::2]  # strided pages, as vLLM's layer views are
-    total = [c + n for c, n in zip(cached, new)]
-    keys = [torch.randn(n, Hkv, D, generator=g) * 3 for n in total]
-    values = [torch.randn(n, Hkv, D, generator=g) for n in total]
+    n = len(new)
+    tables = torch.randperm(4 * n, generator=g).reshape(n, 4)
+    cache = new_cache(8 * n, bs, Hkv, D)[::2]  # strided pages, as vLLM's layer views are
+    total = [c + m for c, m in zip(cached, new)]
+    keys = [torch.randn(m, Hkv, D, generator=g) * 3 for m in total]
+    values = [torch.randn(m, Hkv, D, generator=g) for m in total]
     # earlier steps stored the cached prefixes
-    earlier = _common([0] * 3, cached, bs, tables)
+    earlier = _common([0] * n, cached, bs, tables)
     kv4_store(layer, torch.cat([k[:c] for k, c in zip(keys, cached)]),
               torch.cat([v[:c] for v, c in zip(values, cached)]), cache, earlier.slot_mapping, triton)
     step = _common(cached, new, bs, tables)
     kv4_store(layer, torch.cat([k[c:] for k, c in zip(keys, cached)]),
               torch.cat([v[c:] for v, c in zip(values, cached)]), cache, step.slot_mapping, triton)
     meta = build_kv4_metadata(step)
-    assert meta.positions.tolist() == [40, *range(33, 48), *range(7)]
+    assert meta.num_decodes == decodes and meta.seq_lens_host == total
     q = torch.randn(meta.num_actual_tokens, Hq, D, generator=g)
     out = torch.full((meta.num_actual_tokens + 3, Hq * D), float("nan"))  # padded, as vLLM's buffers
     kv4_forward(layer, q, cache, meta, D ** -0.5, out, triton)
     assert out[meta.num_actual_tokens:].isnan().all()
 
     rows = []
-    for r, (c, n) in enumerate(zip(cached, new)):
+    for r, (c, m) in enumerate(zip(cached, new)):
         K = fake_quantize_kv(apply_hadamard(keys[r]), kv).double()  # what calibration simulates
         V = fake_quantize_kv(values[r], kv).double()
-        for i in range(n):
+        for i in range(m):
             qi = apply_hadamard(q[int(step.query_start_loc[r]) + i]).double()  # R3 on Q too
             s = torch.einsum("hd,nhd->hn", qi, K[: c + i + 1].repeat_interleave(Hq // Hkv, 1)) * D ** -0.5
             rows.append(torch.einsum("hn,nhd->hd", s.softmax(-1), V[: c + i + 1].repeat_interleave(Hq // Hkv, 1)))
@@ -69,11 +74,12 @@ def test_mixed_step_matches_float64(triton):
     torch.testing.assert_close(out[: meta.num_actual_tokens].double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_padded_slots_are_skipped():
+@pytest.mark.parametrize("triton", [False, True])
+def test_padded_slots_are_skipped(triton):
     layer = SimpleNamespace()
     cache = new_cache(2, 32, 1, 64)
     k = torch.randn(3, 1, 64)
-    kv4_store(layer, k, k, cache, torch.tensor([5, -1, 7]))
+    kv4_store(layer, k, k, cache, torch.tensor([5, -1, 7]), triton)
     codes, scales, _ = page_views(cache, 64)
     assert scales[0, 0].any(-1).nonzero().flatten().tolist() == [5, 7] and not cache[1].any()
     assert codes[0, 0].any(-1).nonzero().flatten().tolist() == [5, 7]
