@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one call: the kernel tests on CUDA, then benchmarks/kernels.py and
-# benchmarks/layers.py. Runs from the repository root without installing (a PYTHONPATH shim maps
+# One lent-GPU session in one call: the kernel tests on CUDA, then benchmarks/kernels.py,
+# benchmarks/layers.py and benchmarks/attention.py. Runs from the repository root without installing (a PYTHONPATH shim maps
 # rotq.* onto the source folders); logs and JSON go to $OUT (default ./gpu-out). Each step has
 # its own time limit so that one slow step cannot eat the others' time.
-#   bash benchmarks/gpu_run.sh [TESTS_S KERNELS_S LAYERS_S]
+#   bash benchmarks/gpu_run.sh [TESTS_S KERNELS_S LAYERS_S ATTENTION_S]   (defaults fit one 600 s call)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 shim=$(mktemp -d); mkdir "$shim/rotq"; touch "$shim/rotq/__init__.py"
@@ -21,6 +21,6 @@ step() {  # name, seconds, command...
   tail -n "${TAIL:-25}" "$OUT/$name.log"
 }
 step kernel_tests "${1:-150}" $py -m pytest tests/kernels tests/serving/test_kv4_backend.py -q -n 8 -p no:cacheprovider -k "not compiles_for"
-step kernels_bench "${2:-200}" $py benchmarks/kernels.py --models llama3-8b square --json "$OUT/kernels.json"
-TAIL=40 step layers_bench "${3:-200}" $py benchmarks/layers.py --json "$OUT/layers.json"
-TAIL=40 step attention_bench "${4:-240}" $py benchmarks/attention.py --json "$OUT/attention.json"
+step kernels_bench "${2:-150}" $py benchmarks/kernels.py --models llama3-8b square --json "$OUT/kernels.json"
+TAIL=40 step layers_bench "${3:-130}" $py benchmarks/layers.py --json "$OUT/layers.json"
+TAIL=40 step attention_bench "${4:-130}" $py benchmarks/attention.py --json "$OUT/attention.json"

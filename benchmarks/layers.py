@@ -6,19 +6,21 @@ Three configurations compute the same function (the bf16 weights are the int4 we
 dequantized), each captured in a CUDA graph so that launch overhead does not decide decode:
 
 * ``bf16``: cuBLAS GEMMs, SDPA (FlashAttention) over a bf16 KV cache.
-* ``rotq W4A4``: every linear through ``quantized_linear_triton`` (act_quant to int8 codes +
-  int8_act_gemm on weights repacked once by ``prepare_triton_weights``; the online Hadamard of
-  down_proj's input fused into its quantizer, as R4 needs), SDPA over a bf16 KV cache.
-* ``rotq W4A4KV4``: the same linears, R3 Hadamard on Q and K, kv_quant_store into the int4 paged
-  cache (vLLM's page layout, pages of 16) and attention over it: kv4_decode for decode,
-  kv4_prefill (dequantizing gather + SDPA) for prefill (what the vLLM backend runs: attention
-  always reads the quantized cache).
+* ``rotq W4A4``: every linear through int8_act_gemm on weights repacked once by
+  ``prepare_triton_weights``, its int8 activation codes from the quantizer fused with the op
+  before it (kernels/fused.py): the RMSNorms, each with the residual add before it, for
+  q/k/v and gate/up; SiLU·mul and the online R4 Hadamard for down_proj; act_quant for o_proj
+  (``quantized_linear_triton``). SDPA over a bf16 KV cache.
+* ``rotq W4A4KV4``: the same linears, RoPE and the R3 Hadamard on Q and K fused with storing K
+  and V into the int4 paged cache (``rope_hadamard_kv_store``; vLLM's page layout, pages of 16)
+  and attention over it: kv4_decode for decode, kv4_prefill (dequantizing gather + SDPA) for
+  prefill (what the vLLM backend runs: attention always reads the quantized cache).
 
-RMSNorm (QuaRot folds its weight into the next linear), RoPE and SiLU·mul are the same PyTorch
-ops in all three. Prefill: one sequence of 2k and 8k tokens, tokens/s. Decode: one token per
-sequence for batch 1, 16 and 64 at a context of ``--decode-context`` tokens, tokens/s. The
-first table row also reports how far rotq's output is from bf16's (activation and KV
-quantization on random data; garbage would be ≈ 1.4).
+bf16 runs RMSNorm (QuaRot folds its weight into the next linear), SiLU·mul and RoPE in PyTorch;
+rotq W4A4 runs RoPE in PyTorch too. Prefill: one sequence of 2k and 8k tokens, tokens/s.
+Decode: one token per sequence for batch 1, 16 and 64 at a context of ``--decode-context``
+tokens, tokens/s. The first table row also reports how far rotq's output is from bf16's
+(activation and KV quantization on random data; garbage would be ≈ 1.4).
 
     python benchmarks/layers.py --json benchmarks/results/layers-h200.json
     python benchmarks/layers.py --smoke --json /tmp/layers-smoke.json   # CPU, Triton interpreter
@@ -43,6 +45,7 @@ SHAPES = {
 }
 ACT, KV_CLIP = ActivationArgs(bits=4), KVCacheArgs.clip_ratio  # the W4A4KV4 scheme's
 PAGE = 16
+EPS = 1e-5  # RMSNorm's
 CONFIGS = ("bf16", "rotq W4A4", "rotq W4A4KV4")
 
 
@@ -88,7 +91,7 @@ def rope(x, cos, sin):
 def rms(x):
     import torch
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
 
 
 class Stack:
@@ -97,25 +100,53 @@ class Stack:
     def __init__(self, config: str, layers: list[Layer], shape: dict, device, dtype):
         self.config, self.layers, self.shape, self.device, self.dtype = config, layers, shape, device, dtype
 
-    def linear(self, x, layer: Layer, name: str, hadamard: bool = False):
+    def linear(self, x, layer: Layer, name: str):
+        """x Wᵀ for x [T, K] in 16 bits, or as rotq's int8 codes and scales (a fused quantizer's)."""
+        from rotq.kernels.int4_gemm import int8_act_gemm
         from rotq.kernels.linear import quantized_linear_triton
         if self.config == "bf16":
             return x @ layer.dense[name].T
-        return quantized_linear_triton(x, layer.triton[name], None, ACT, x.shape[-1] if hadamard else None)
+        w = layer.triton[name]
+        if isinstance(x, tuple):
+            return int8_act_gemm(*x, w.codes, w.scale, out_dtype=self.dtype)
+        return quantized_linear_triton(x, w, None, ACT, None)
+
+    def norm(self, x, delta):
+        """(x + delta, RMSNorm of it) for the residual stream x and a sublayer's output ``delta``
+        (None: none to add); rotq's norm is fused with the add and the activation quantizer."""
+        from rotq.kernels.fused import rmsnorm_act_quant
+        if self.config == "bf16":
+            x = x if delta is None else x + delta
+            return x, rms(x)
+        if delta is None:
+            return x, rmsnorm_act_quant(x, None, EPS, ACT.clip_ratio, ACT.bits)
+        q, s, x = rmsnorm_act_quant(delta, None, EPS, ACT.clip_ratio, ACT.bits, residual=x)
+        return x, (q, s)
+
+    def silu_mul(self, gate_up):
+        """down_proj's input: SiLU(gate) · up in bf16; rotq's fused with R4 and the quantizer."""
+        import torch.nn.functional as F
+
+        from rotq.kernels.fused import silu_mul_hadamard_act_quant
+        if self.config == "bf16":
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return silu_mul_hadamard_act_quant(gate_up, ACT.clip_ratio, ACT.bits)
 
     def forward(self, x, attend):
-        """x [T, hidden]; ``attend(i, q, k, v)`` → [T, heads·head_dim] runs layer i's attention."""
-        import torch.nn.functional as F
+        """x [T, hidden]; ``attend(i, q, k, v)`` → [T, heads·head_dim] runs layer i's attention.
+        Each MLP's output is added to the stream by the next layer's first norm, or at the end."""
         sh = self.shape
         H, Hkv, D = sh["heads"], sh["kv_heads"], sh["head_dim"]
+        delta = None
         for i, layer in enumerate(self.layers):
-            qkv = self.linear(rms(x), layer, "qkv")
+            x, h = self.norm(x, delta)
+            qkv = self.linear(h, layer, "qkv")
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             a = attend(i, q.reshape(-1, H, D), k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D))
-            x = x + self.linear(a, layer, "o")
-            gate, up = self.linear(rms(x), layer, "gate_up").chunk(2, dim=-1)
-            x = x + self.linear(F.silu(gate) * up, layer, "down", hadamard=self.config != "bf16")
-        return x
+            x, h = self.norm(x, self.linear(a, layer, "o"))
+            delta = self.linear(self.silu_mul(self.linear(h, layer, "gate_up")), layer, "down")
+        return x + delta
 
 
 def _rope_tables(positions, D, device):
@@ -126,16 +157,20 @@ def _rope_tables(positions, D, device):
 
 
 def kv4_attend(caches, tables, seq_lens, slots, cos, sin, prompt=None):
-    """Layer i's attention through the int4 cache: RoPE, R3 on Q and K, store the new K/V at
-    ``slots``, attend over pages ``tables`` as the vLLM backend does: kv4_decode for one token
-    per sequence, kv4_prefill (gather + SDPA) for a prompt of ``prompt`` tokens."""
-    from rotq.kernels.hadamard import hadamard
-    from rotq.kernels.kv4 import kv4_decode, kv4_prefill, kv_quant_store
+    """Layer i's attention through the int4 cache: RoPE and R3 on Q and K fused with storing the
+    new K/V at ``slots`` (rope_hadamard_kv_store), attention over pages ``tables`` as the vLLM
+    backend does: kv4_decode for one token per sequence, kv4_prefill (gather + SDPA) for a
+    prompt of ``prompt`` tokens."""
+    import torch
+
+    from rotq.kernels.fused import rope_hadamard_kv_store
+    from rotq.kernels.kv4 import kv4_decode, kv4_prefill
+    cos_sin = torch.cat([cos, sin], dim=-1)  # token t's row t
+    rows = torch.arange(cos.shape[0], device=cos.device)
 
     def attend(i, q, k, v):
         D = q.shape[-1]
-        q, k = hadamard(rope(q, cos, sin), D), hadamard(rope(k, cos, sin), D)
-        kv_quant_store(k, v.contiguous(), caches[i], slots, KV_CLIP)
+        q = rope_hadamard_kv_store(q, k, v, rows, cos_sin, caches[i], slots, KV_CLIP)
         if prompt is None:
             o = kv4_decode(q, caches[i], tables, seq_lens, D ** -0.5)
         else:

@@ -82,6 +82,18 @@ def offline(model: str, a: argparse.Namespace) -> dict:
     return out
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """One configuration's rounds -> its medians (and every round's figures under "rounds")."""
+    med = lambda values: statistics.median(values)  # noqa: E731
+    latency = {b: {"ms_per_step": med([r["latency"][b]["ms_per_step"] for r in runs])} for b in runs[0]["latency"]}
+    row = {"config": runs[0]["config"], "model": runs[0]["model"], "rounds": runs, "latency": latency,
+           "throughput_output_tok_s": med([r["throughput_output_tok_s"] for r in runs])}
+    for key in ("ttft_ms_median", "itl_ms_median", "itl_ms_p90"):
+        if key in runs[0]:
+            row[key] = med([r[key] for r in runs])
+    return row
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,6 +184,10 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="offline engines with torch.compile, as `vllm serve` runs by default (slow to start); "
                         "default: eager (the server always runs vLLM's default)")
+    p.add_argument("--checkpoints", type=Path, metavar="DIR",
+                   help="keep the checkpoints made here, and reuse those an earlier run made (default: a temporary folder)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times, interleaved, and report medians")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-prompts", type=int, default=64, help="offline throughput prompts")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent streaming requests")
@@ -189,25 +205,31 @@ def main() -> None:
         for name in a.configs:
             scheme, fmt, rotation = CONFIGS[name]
             given = getattr(a, name.replace("-", "_"))
+            if given is None and a.checkpoints is not None and (a.checkpoints / name / "config.json").is_file():
+                given = a.checkpoints / name  # made by an earlier run
             if given is None:
                 print(f"making the {name} checkpoint (RTN)", flush=True)
-                given = work / name
+                given = (a.checkpoints or work) / name
                 make_checkpoint(a.fp, scheme, fmt, rotation, given)
             models[name] = str(given)
-        rows = []
-        for name, model in models.items():
-            try:
-                print(f"{name}: offline latency and throughput", flush=True)
-                row = {"config": name, "model": model, **offline(model, a)}
-                if not a.no_server:
-                    print(f"{name}: server TTFT / ITL", flush=True)
-                    row.update(server(model, a, work / f"{name}-server.log"))
-            except Exception as e:  # noqa: BLE001 - one configuration failing must not lose the others
-                print(f"{name}: FAILED: {type(e).__name__}: {str(e)[-300:]}", flush=True)
-                failed.append({"config": name, "model": model, "error": f"{type(e).__name__}: {str(e)[-300:]}"})
-                continue
-            print(f"{name}: {json.dumps(row)}", flush=True)
-            rows.append(row)
+        runs: dict[str, list[dict]] = {name: [] for name in models}
+        for round_ in range(a.rounds):  # configurations interleaved, so slow drift hits all of them
+            for name, model in models.items():
+                if any(f["config"] == name for f in failed):
+                    continue
+                try:
+                    print(f"{name}: offline latency and throughput (round {round_ + 1}/{a.rounds})", flush=True)
+                    row = {"config": name, "model": model, **offline(model, a)}
+                    if not a.no_server:
+                        print(f"{name}: server TTFT / ITL", flush=True)
+                        row.update(server(model, a, work / f"{name}-server.log"))
+                except Exception as e:  # noqa: BLE001 - one configuration failing must not lose the others
+                    print(f"{name}: FAILED: {type(e).__name__}: {str(e)[-300:]}", flush=True)
+                    failed.append({"config": name, "model": model, "error": f"{type(e).__name__}: {str(e)[-300:]}"})
+                    continue
+                print(f"{name}: {json.dumps(row)}", flush=True)
+                runs[name].append(row)
+        rows = [_median_row(r) for r in runs.values() if r]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not rows or rows[0]["config"] != "fp":

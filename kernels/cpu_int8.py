@@ -64,20 +64,27 @@ def activation_codes(rows: torch.Tensor, act: ActivationArgs) -> tuple[torch.Ten
     return torch.div(rows, scale).round_().clamp_(-half, half - 1).to(torch.int8), scale
 
 
+def int8_activation_input(x: torch.Tensor, act: ActivationArgs, hadamard_size: int | None,
+                          input_slice: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 codes [M, K'], float32 per-token scales [M, 1]): the online Hadamard
+    and the quantizer on the full row, then this rank's ``input_slice`` of the codes."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if hadamard_size:  # float32: within rounding of calibration's float64 transform, 4-5x faster
+        rows = apply_hadamard(rows, hadamard_size, exact=False)
+    a, scale = activation_codes(rows, act)
+    if input_slice is not None:
+        a = a[:, input_slice].contiguous()
+    return a, scale
+
+
 def quantized_linear_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                           act: ActivationArgs, hadamard_size: int | None,
                           input_slice: slice | None = None) -> torch.Tensor:
     """:func:`quantized_linear` in integers: the per-token activation codes (of the full row,
     then this rank's ``input_slice``) times the weight ``codes`` [N, K] in int32, scaled by the
     token's and the channel's scale [N]."""
-    lead, dtype = x.shape[:-1], x.dtype
-    rows = x.reshape(-1, x.shape[-1]).float()
-    if hadamard_size:  # float32: within rounding of calibration's float64 transform, 4-5x faster
-        rows = apply_hadamard(rows, hadamard_size, exact=False)
-    a, a_scale = activation_codes(rows, act)
-    if input_slice is not None:
-        a = a[:, input_slice].contiguous()
+    a, a_scale = int8_activation_input(x, act, hadamard_size, input_slice)
     y = (torch._int_mm(a, codes.t()) * a_scale).mul_(scale)  # int32 * float32 -> float32
     if bias is not None:
         y.add_(bias)
-    return y.to(dtype).reshape(*lead, -1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -24,12 +24,11 @@ from rotq.quant.hadamard import base_factor, split_size
 
 
 @triton.jit
-def _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n,
-                   KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
+def hadamard_tile(x, at_ptr, inv_sqrt_n, KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+                  HAS_A: tl.constexpr):
+    """The transform of one row held in registers as float32 x [KP, P] (rows ≥ K zero), with
+    :func:`plan`'s constants: public so that kernels/fused.py applies it to values it computed."""
     rk = tl.arange(0, KP)
-    rp = tl.arange(0, P)
-    x = tl.load(x_ptr + row * stride_x + rk[:, None] * P + rp[None, :], mask=rk[:, None] < K, other=0.0)
-    x = x.to(tl.float32)
     for s in tl.static_range(LOG_P):
         y = tl.permute(tl.reshape(x, (KP, P // (2 << s), 2, 1 << s)), (0, 1, 3, 2))
         a, b = tl.split(y)
@@ -38,6 +37,15 @@ def _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n,
         at = tl.load(at_ptr + rk[:, None] * KP + rk[None, :])
         x = tl.dot(at, x, input_precision="ieee")
     return x * inv_sqrt_n
+
+
+@triton.jit
+def _transform_row(x_ptr, at_ptr, row, stride_x, K, inv_sqrt_n,
+                   KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, HAS_A: tl.constexpr):
+    rk = tl.arange(0, KP)
+    rp = tl.arange(0, P)
+    x = tl.load(x_ptr + row * stride_x + rk[:, None] * P + rp[None, :], mask=rk[:, None] < K, other=0.0)
+    return hadamard_tile(x.to(tl.float32), at_ptr, inv_sqrt_n, KP, P, LOG_P, HAS_A)
 
 
 @triton.jit
@@ -66,7 +74,7 @@ def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, at_ptr, K, stride_x, stride_q, i
     tl.store(q_ptr + row * stride_q + rk[:, None] * P + rp[None, :], q, mask=rk[:, None] < K)
 
 
-def _plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
+def plan(n: int, device) -> tuple[int, int, int, torch.Tensor | None]:
     """(K, P, padded K, Aᵀ on ``device`` or None) for size n = K·P, made once per size and
     device: a host-to-device copy per call would also break CUDA graph capture."""
     return _plan_cached(n, str(torch.device(device)))
@@ -104,7 +112,7 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
 def hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """x @ (H_n / √n) along the last dim (block-diagonal when n divides it); x's dtype."""
     n = n or x.shape[-1]
-    k, p, kp, at = _plan(n, x.device)
+    k, p, kp, at = plan(n, x.device)
     rows = _rows(x, n)
     y = torch.empty_like(rows)
     if rows.shape[0]:
@@ -119,7 +127,7 @@ def hadamard_act_quant(x: torch.Tensor, clip_ratio: float, bits: int = 4) -> tup
     scales [M] for rows x [..., n] (the transform spans the whole row, as R4 does)."""
     qmax = act_qmax(bits)
     n = x.shape[-1]
-    k, p, kp, at = _plan(n, x.device)
+    k, p, kp, at = plan(n, x.device)
     rows = _rows(x, n)
     M = rows.shape[0]
     q = torch.empty(M, n, dtype=torch.int8, device=x.device)

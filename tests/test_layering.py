@@ -39,7 +39,7 @@ PRIMITIVES = frozenset({"rotq.quant.scheme", "rotq.quant.quantizer", "rotq.quant
                         "rotq.quant.arch", "rotq.kernels.packing"})
 PACKAGES = frozenset({"rotq", *FOLDERS})  # namespace and package __init__s (rotq.quant's loads its API lazily)
 PLUGIN = frozenset({"rotq.serving.config", "rotq.serving.kv4_attention", "rotq.serving.plugin",
-                    "rotq.serving.kv_cache_dtype"})
+                    "rotq.serving.kv_cache_dtype", "rotq.serving.onednn_linear"})
 CALLS = {"rotq.serving.plugin": "register"}  # what vLLM runs after importing the module
 
 

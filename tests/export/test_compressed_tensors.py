@@ -21,7 +21,7 @@ from rotq.quant.scheme import WeightArgs, preset
 RTN_CALIB = ("--nsamples", "8", "--seqlen", "256")
 
 
-@pytest.mark.parametrize("scheme_name", ["w4a16", "w4a4", "w8a8"])
+@pytest.mark.parametrize("scheme_name", ["w4a16", "w4a4", "w4a8", "w8a8"])
 def test_same_tensors_as_rotq_format_and_a_valid_config(tiny_model_dir, tmp_path, scheme_name):
     ct = pytest.importorskip("compressed_tensors")
     scheme = preset(scheme_name, "hadamard")

@@ -87,7 +87,7 @@ def cases():
                        {"x_ptr": x, "w_ptr": "*i8", "ws_ptr": "*fp32", "c_ptr": x, **GEMM_INTS},
                        {**tiles, "GROUP": group, "PRECISION": "ieee" if x == "*fp32" else "tf32"}, opts)
     for n in (64, 128, 576, 1536, 14336):
-        k, p, kp, at = hk._plan(n, "cpu")
+        k, p, kp, at = hk.plan(n, "cpu")
         consts = {"KP": kp, "P": p, "LOG_P": p.bit_length() - 1, "HAS_A": at is not None}
         warps = {"num_warps": hk.num_warps(kp * p)}
         common = {"at_ptr": "*fp32", "K": "i32", "stride_x": "i32", "inv_sqrt_n": "fp32"}
@@ -116,6 +116,30 @@ def cases():
                {"cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "start_ptr": "*i32",
                 "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_sh": "i32", **KV_INTS},
                {"H_KV": 8, "BLOCK_SIZE": 16, "D": d, "BLOCK_N": kv4._GATHER_N}, {})
+    from rotq.kernels import fused  # the quantizers fused with the op before them
+    for x in ("*bf16", "*fp16", "*fp32"):
+        for residual, weight in ((False, False), (True, False), (True, True)):
+            yield (f"rmsnorm_act_quant {x} residual {residual} weight {weight}", fused._rmsnorm_quant_kernel,
+                   {"x_ptr": x, "r_ptr": x, "h_ptr": x, "w_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32", "eps": "fp32",
+                    "clip": "fp32", **_ints("K", "stride_x", "stride_r", "stride_h", "stride_q")},
+                   {"HAS_RESIDUAL": residual, "HAS_WEIGHT": weight, "QMAX": 7, "BLOCK": 4096},
+                   {"num_warps": hk.num_warps(4096)})
+    for n in (1408, 1536, 14336):
+        k, p, kp, at = hk.plan(n, "cpu")
+        for bits in (4, 8):
+            yield (f"silu_mul_hadamard_act_quant {n} {bits}-bit", fused._silu_mul_hadamard_quant_kernel,
+                   {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "at_ptr": "*fp32", "inv_sqrt_n": "fp32",
+                    "clip": "fp32", **_ints("K", "stride_x", "stride_q")},
+                   {"KP": kp, "P": p, "LOG_P": p.bit_length() - 1, "HAS_A": at is not None,
+                    "QMAX": int4_gemm.act_qmax(bits)}, {"num_warps": hk.num_warps(kp * p)})
+    for d in (64, 128):
+        for symmetric in (False, True):
+            yield (f"rope_hadamard_kv_store D {d} symmetric {symmetric}", fused._rope_r3_kv_store_kernel,
+                   {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "pos_ptr": "*i64",
+                    "cs_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32", "slot_ptr": "*i64",
+                    "inv_sqrt_n": "fp32", "clip": "fp32", "stride_cs": "i32", **KV_INTS},
+                   {"H_Q": 32, "H": 8, "BLOCK_SIZE": 16, "D": d, "LOG_D": d.bit_length() - 1,
+                    "SYMMETRIC": symmetric}, kv4.EXACT_FLOAT)
 
 
 def main_loop(ptx: str) -> str:
