@@ -41,10 +41,9 @@ import triton.language as tl
 
 from rotq.kernels.hadamard import hadamard_tile, num_warps, plan
 from rotq.kernels.int4_gemm import act_qmax, act_quant_reference, quantize_codes
-from rotq.kernels.kv4 import EXACT_FLOAT, kv_store_reference, row_bytes
+from rotq.kernels.kv4 import EXACT_FLOAT, float32_view, kv_codes, kv_store_reference, row_bytes
 from rotq.quant.hadamard import apply_hadamard
 
-_RINT = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + _RINT) - _RINT rounds half to even, as torch.round
 MAX_NORM_ROW = 32768  # rmsnorm_act_quant holds a row in registers: 32 warps × 32 float32 values
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -179,27 +178,6 @@ def _rope_r3(x_ptr, d, c, s_signed, inv_sqrt_n, D: tl.constexpr, LOG_D: tl.const
 
 
 @triton.jit
-def _kv_codes(xe, xo, clip, SYMMETRIC: tl.constexpr):
-    """Packed codes [D/2] (int32 bytes), scale and zero point of one head vector given as its even
-    and odd elements: kv4's quantizer, on values in registers."""
-    xmin = tl.minimum(tl.min(tl.minimum(xe, xo), axis=0), 0.0) * clip
-    xmax = tl.maximum(tl.max(tl.maximum(xe, xo), axis=0), 0.0) * clip
-    if SYMMETRIC:
-        scale = tl.math.div_rn(tl.maximum(-xmin, xmax), 7.0)
-        scale = tl.where(scale > 0, scale, 1.0)
-        zero = 8.0
-        qe = tl.minimum(tl.maximum((tl.math.div_rn(xe, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
-        qo = tl.minimum(tl.maximum((tl.math.div_rn(xo, scale) + _RINT) - _RINT, -8.0), 7.0) + 8.0
-    else:
-        scale = tl.math.div_rn(xmax - xmin, 15.0)
-        scale = tl.where(scale > 0, scale, 1.0)
-        zero = (tl.math.div_rn(-xmin, scale) + _RINT) - _RINT
-        qe = tl.minimum(tl.maximum(((tl.math.div_rn(xe, scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
-        qo = tl.minimum(tl.maximum(((tl.math.div_rn(xo, scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
-    return qe.to(tl.int32) | (qo.to(tl.int32) << 4), scale, zero.to(tl.int32)
-
-
-@triton.jit
 def _rope_r3_kv_store_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cs_ptr, cache_ptr, scale_ptr, slot_ptr,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                              stride_cs, stride_page, inv_sqrt_n, clip, H_Q: tl.constexpr, H: tl.constexpr,
@@ -223,10 +201,10 @@ def _rope_r3_kv_store_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cs_ptr, cache_
         if slot >= 0:
             y = _rope_r3(k_ptr + t * stride_kt + kvh * stride_kh, d, c, s_signed, inv_sqrt_n, D, LOG_D)
             ke, ko = tl.split(tl.reshape(y, (D // 2, 2)))
-            kq, ks, kz = _kv_codes(ke, ko, clip, SYMMETRIC)
+            kq, ks, kz = kv_codes(ke, ko, clip, SYMMETRIC)
             j = tl.arange(0, D // 2)
             v_row = v_ptr + t * stride_vt + kvh * stride_vh
-            vq, vs, vz = _kv_codes(tl.load(v_row + 2 * j).to(tl.float32), tl.load(v_row + 2 * j + 1).to(tl.float32),
+            vq, vs, vz = kv_codes(tl.load(v_row + 2 * j).to(tl.float32), tl.load(v_row + 2 * j + 1).to(tl.float32),
                                    clip, SYMMETRIC)
             page = (slot // BLOCK_SIZE) * stride_page
             r = kvh * BLOCK_SIZE + slot % BLOCK_SIZE
@@ -306,15 +284,6 @@ def silu_mul_hadamard_act_quant(gate_up: torch.Tensor, clip_ratio: float, bits: 
     return q, s
 
 
-def _float32_view(cache: torch.Tensor) -> torch.Tensor:
-    """The cache's bytes from its first element on as float32: the kernel addresses a scale at
-    float32 index byte_offset / 4, as kv4's kernels do."""
-    storage = cache.untyped_storage()
-    start = cache.storage_offset()
-    return torch.empty(0, dtype=torch.float32, device=cache.device).set_(
-        storage, start // 4, ((storage.nbytes() - start) // 4,), (1,))
-
-
 def rope_hadamard_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            cos_sin_cache: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
                            clip_ratio: float, symmetric: bool = False) -> torch.Tensor:
@@ -343,7 +312,7 @@ def rope_hadamard_kv_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     if T:
         _rope_r3_kv_store_kernel[(T, Hq + H)](
-            q, k, v, out, positions, cos_sin_cache, cache, _float32_view(cache), slot_mapping, q.stride(0),
+            q, k, v, out, positions, cos_sin_cache, cache, float32_view(cache), slot_mapping, q.stride(0),
             q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             cos_sin_cache.stride(0), cache.stride(0), 1.0 / math.sqrt(D), float(clip_ratio), H_Q=Hq, H=H,
             BLOCK_SIZE=N, D=D, LOG_D=D.bit_length() - 1, SYMMETRIC=symmetric, **EXACT_FLOAT)

@@ -185,10 +185,9 @@ def kv4_gather_reference(cache: torch.Tensor, head_dim: int, block_tables: torch
 # ----------------------------------------------------------------------------- store
 
 @triton.jit
-def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
-    """Packed codes [D/2] (int32 bytes), scale and zero point of one head vector."""
-    xe = tl.load(x_ptr + 2 * j).to(tl.float32)
-    xo = tl.load(x_ptr + 2 * j + 1).to(tl.float32)
+def kv_codes(xe, xo, clip, SYMMETRIC: tl.constexpr):
+    """Packed codes [D/2] (int32 bytes), scale and zero point of one head vector given as its even
+    and odd elements in registers (also used by kernels/fused.py after RoPE and R3)."""
     xmin = tl.minimum(tl.min(tl.minimum(xe, xo), axis=0), 0.0) * clip
     xmax = tl.maximum(tl.max(tl.maximum(xe, xo), axis=0), 0.0) * clip
     if SYMMETRIC:
@@ -204,6 +203,12 @@ def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
         qe = tl.minimum(tl.maximum(((tl.math.div_rn(xe, scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
         qo = tl.minimum(tl.maximum(((tl.math.div_rn(xo, scale) + _RINT) - _RINT) + zero, 0.0), 15.0)
     return qe.to(tl.int32) | (qo.to(tl.int32) << 4), scale, zero.to(tl.int32)
+
+
+@triton.jit
+def _quantize_row(x_ptr, j, clip, SYMMETRIC: tl.constexpr):
+    """:func:`kv_codes` of the head vector at x_ptr."""
+    return kv_codes(tl.load(x_ptr + 2 * j).to(tl.float32), tl.load(x_ptr + 2 * j + 1).to(tl.float32), clip, SYMMETRIC)
 
 
 @triton.jit
@@ -230,7 +235,7 @@ def _kv_store_kernel(k_ptr, v_ptr, cache_ptr, scale_ptr, slot_ptr, stride_kt, st
         tl.store(cache_ptr + page + S * (D + 8) + r, (kz | (vz << 4)).to(tl.uint8))
 
 
-def _float32_view(cache: torch.Tensor) -> torch.Tensor:
+def float32_view(cache: torch.Tensor) -> torch.Tensor:
     """The cache's bytes from its first element on as float32 (the kernels address a scale at
     float32 index byte_offset / 4)."""
     storage = cache.untyped_storage()
@@ -252,7 +257,7 @@ def kv_quant_store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, 
         raise ValueError("key and value need a contiguous head dimension")
     if T:
         _kv_store_kernel[(T, H)](
-            key, value, cache, _float32_view(cache), slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+            key, value, cache, float32_view(cache), slot_mapping, key.stride(0), key.stride(1), value.stride(0),
             value.stride(1), cache.stride(0), float(clip_ratio), H=H, BLOCK_SIZE=cache.shape[2], D=D,
             SYMMETRIC=symmetric, **EXACT_FLOAT)
 
@@ -428,7 +433,7 @@ def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     bt = block_tables.to(torch.int32)
     group = Hq // Hkv
     _kv4_decode_kernel[(B, Hkv, splits)](
-        q, cache, _float32_view(cache), bt, seq_lens.to(torch.int32), out, part, ml,
+        q, cache, float32_view(cache), bt, seq_lens.to(torch.int32), out, part, ml,
         q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
         float(softmax_scale), H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group,
         GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
@@ -492,7 +497,7 @@ def kv4_gather(cache: torch.Tensor, head_dim: int, block_tables: torch.Tensor, s
         starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
         bt = block_tables.to(torch.int32)
         _kv4_gather_kernel[(R, triton.cdiv(max_len, _GATHER_N), Hkv)](
-            cache, _float32_view(cache), bt, lens, starts, scratch[0], scratch[1], bt.stride(0), cache.stride(0),
+            cache, float32_view(cache), bt, lens, starts, scratch[0], scratch[1], bt.stride(0), cache.stride(0),
             total * head_dim, H_KV=Hkv, BLOCK_SIZE=cache.shape[2], D=head_dim, BLOCK_N=_GATHER_N)
     return scratch[0], scratch[1]
 
