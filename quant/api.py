@@ -96,6 +96,7 @@ def _calibrate_and_write(spec: str, out: Path, r: Recipe, scheme, ranks, device:
     model_dir = resolve_model_dir(spec)
     model, tokenizer, offload = _load(model_dir, scratch)
     check_group_size_fits(model, scheme)
+    check_rotation_sizes(model.config, scheme)
     check_seqlen(model.config, r.seqlen)
     calib_ids = None
     if text is not None:
@@ -173,6 +174,27 @@ def check_group_size_fits(model, scheme) -> None:
     if bad:
         raise RotqError(f"weight group size {G} does not divide input size(s) {bad} of this model; use a group "
                         "size that divides them (e.g. 64 or 32) or 0 for per-channel")
+
+
+def check_rotation_sizes(config, scheme) -> None:
+    """Every rotation the scheme applies needs a Hadamard matrix of its size: fail before any
+    work (not with a traceback mid-run) when this model has a size rotq cannot build."""
+    rot = scheme.rotation
+    if rot.kind == "none":
+        return
+    from rotq.quant.hadamard import split_size
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = {"hidden size (R1)": config.hidden_size}
+    if rot.r2 or rot.r3:
+        sizes["head dimension (R2/R3)"] = head_dim
+    if rot.r4:
+        sizes["intermediate size (R4)"] = config.intermediate_size
+    bad = {name: n for name, n in sizes.items() if split_size(n) is None}
+    if bad:
+        listed = ", ".join(f"{name} {n}" for name, n in bad.items())
+        raise RotqError(f"no Hadamard matrix of the {listed} of this model: rotq builds sizes K * 2^m with K = 1 "
+                        "or a Paley order (12, 20, 28, 36, 44, ...); use --rotation none")
 
 
 def _open_state(state_dir: Path, resume: bool, r: Recipe, model_dir: Path, calib_ids, num_layers: int):

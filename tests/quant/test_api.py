@@ -86,3 +86,17 @@ def test_eval_records_its_result_in_the_model_card(tiny_model_dir, tmp_path):
     meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     [result] = meta["model-index"][0]["results"]
     assert result["metrics"][0]["value"] == pytest.approx(ppl, rel=1e-3)
+
+
+def test_a_model_without_hadamard_sizes_fails_before_work():
+    from types import SimpleNamespace
+
+    from rotq.quant.api import check_rotation_sizes
+    from rotq.quant.scheme import preset
+
+    llama2_7b = SimpleNamespace(hidden_size=4096, num_attention_heads=32, head_dim=128, intermediate_size=11008)
+    with pytest.raises(RotqError, match="intermediate size \\(R4\\) 11008.*--rotation none"):
+        check_rotation_sizes(llama2_7b, preset("w4a4kv4", "hadamard"))
+    check_rotation_sizes(llama2_7b, preset("w4a4kv4", "none"))  # nothing to build
+    smollm2 = SimpleNamespace(hidden_size=576, num_attention_heads=9, head_dim=64, intermediate_size=1536)
+    check_rotation_sizes(smollm2, preset("w4a4kv4", "spinquant"))
