@@ -71,6 +71,12 @@ ROW_SETS = {
     "w4a8": [(scheme, "hadamard", "qep+gptq", ("--a-clip", "auto")) for scheme in ("w4a8kv4", "w4a8")],
     "seeds-default": [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--seed", str(seed)))
                       for seed in range(4)],
+    # issue 24: the full-precision prefix of sink tokens, alone on Hadamard + GPTQ (fixed clip) and
+    # in the default pipeline, over two calibration seeds
+    "prefix-w4a4kv4": [("w4a4kv4", "hadamard", "gptq", ("--a-clip", "0.9", "--prefix", prefix, "--seed", str(seed)))
+                       for seed in range(2) for prefix in ("none", "auto")]
+    + [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--prefix", prefix, "--seed", str(seed)))
+       for seed in range(2) for prefix in ("auto", "none")],
 }
 
 

@@ -39,6 +39,9 @@ def check_exportable(scheme: Scheme) -> None:
     if a is not None and (not a.symmetric or a.bits not in (4, 8)):
         raise RotqError("compressed-tensors export needs symmetric 4- or 8-bit per-token activations; "
                         "use --format rotq")
+    if scheme.prefix is not None:
+        raise RotqError("compressed-tensors cannot carry rotq's full-precision attention prefix (stock vLLM would "
+                        "serve the model without it); use --prefix none or --format rotq")
     if scheme.kv_cache is not None:
         raise RotqError("compressed-tensors cannot carry rotq's calibrated int4 KV cache (its kv_cache_scheme "
                         "is 8-bit float only); export a scheme without KV quantization (e.g. w4a4, w4a16) "

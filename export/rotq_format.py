@@ -21,6 +21,10 @@ With learned rotations (kind "spinquant") OUT/spinquant/rotations.safetensors al
 folded R1/R2 (``rotq.export.rotations_file.save_rotations``), for reuse with ``--rotation-file``; it
 is not needed to run the model, and sits in a subdirectory because vLLM loads every
 ``*.safetensors`` at the top of an unsharded checkpoint as model weights.
+
+With a full-precision attention prefix (scheme ``prefix``, format version 2) OUT/prefix/
+prefix_kv.safetensors holds its K and V per layer (``rotq.export.prefix_file``); it is needed to
+run the model.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from safetensors import safe_open
 
 from rotq.export.checkpoint import packed_tensors, write_checkpoint
+from rotq.export.prefix_file import PREFIX_FILE, save_prefix
 from rotq.export.rotations_file import ROTATIONS_FILE, RotationMatrices, save_rotations
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight
@@ -47,9 +52,15 @@ def quantization_config(scheme: Scheme) -> dict:
 
 def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Scheme, out: Path,
               report: dict | None = None, max_shard_size: str = "5GB",
-              rotations: RotationMatrices | None = None, files: dict[str, str] | None = None) -> None:
+              rotations: RotationMatrices | None = None, files: dict[str, str] | None = None,
+              prefix=None) -> None:
     """Write the rotq checkpoint of a calibrated model atomically (see the module docstring);
-    ``files``: further text files by name (the model card)."""
+    ``files``: further text files by name (the model card); ``prefix``: the full-precision
+    prefix's K/V (quant/prefix.PrefixKV, required when the scheme has one)."""
+    if (prefix is None) != (scheme.prefix is None):
+        raise ValueError("a scheme with a prefix needs its K/V (prefix=...), and only such a scheme")
+    if prefix is not None:
+        tokenizer = tokenizer_without_bos(tokenizer, prefix.token_ids)
     state = packed_tensors(model, weights, scheme)
     with write_checkpoint(model, state, tokenizer, quantization_config(scheme), out, max_shard_size, files) as tmp:
         if report is not None:
@@ -57,6 +68,25 @@ def save_rotq(model, weights: dict[str, QuantizedWeight], tokenizer, scheme: Sch
         if rotations is not None:
             (tmp / ROTATIONS_FILE).parent.mkdir()
             save_rotations(rotations, tmp / ROTATIONS_FILE)
+        if prefix is not None:
+            (tmp / PREFIX_FILE).parent.mkdir()
+            save_prefix(prefix, tmp / PREFIX_FILE)
+
+
+def tokenizer_without_bos(tokenizer, prefix_ids):
+    """A copy of ``tokenizer`` that adds no BOS when the prefix holds it already: the prefix is in
+    every sequence's past, so a server's tokenizer must not add a second BOS after it."""
+    import copy
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos not in prefix_ids or not getattr(tokenizer, "add_bos_token", False):
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_bos_token = False
+    if tokenizer("a").input_ids[:1] == [bos]:
+        raise RotqError(f"the prefix holds BOS ({bos}) and this tokenizer cannot be told not to add it; choose a "
+                        "--prefix without BOS")
+    return tokenizer
 
 
 def is_rotq_checkpoint(path: str | Path) -> bool:

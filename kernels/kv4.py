@@ -36,6 +36,12 @@ Attention has two paths, both causal with GQA (query head h reads KV head h // (
   causal attention over it, aligned bottom-right when the queries continue a cached prefix
   (chunked prefill, prefix caching).
 
+Both paths (and the float64 reference) take an optional full-precision attention prefix
+(PrefixQuant, IntactKV): the K and V [H_kv, P, D] of a few sink tokens computed once per layer,
+never stored in the pages, in front of every request's tokens and visible to all its queries.
+Decode's split 0 opens its online softmax with them; prefill's gather copies them in front of
+each request's rows.
+
 Host-side inputs (query and context lengths of prefill requests) come from vLLM's host
 metadata; nothing here reads a device tensor on the host, so decode can be graph-captured.
 """
@@ -83,6 +89,22 @@ def _check_cache(cache: torch.Tensor, D: int) -> None:
     if (H * N * D) % 4 or cache.stride(0) % 4 or cache.storage_offset() % 4:
         raise ValueError("the int4 KV cache's pages and scale regions must start at multiples of 4 bytes "
                          f"(block_size {N}, page stride {cache.stride(0)}, offset {cache.storage_offset()})")
+
+
+def _check_prefix(prefix, kv_heads: int, D: int) -> int:
+    """P, the prefix's token count (0 without one): its K and V must be [H_kv, P ≥ 1, D]."""
+    if prefix is None:
+        return 0
+    Kp, Vp = prefix
+    if Kp.shape != Vp.shape or Kp.dim() != 3 or Kp.shape[0] != kv_heads or Kp.shape[2] != D or not Kp.shape[1]:
+        raise ValueError(f"a prefix needs K and V [{kv_heads}, P >= 1, {D}], got {tuple(Kp.shape)} and "
+                         f"{tuple(Vp.shape)}")
+    return Kp.shape[1]
+
+
+def _prefix_block(P: int) -> int:
+    """The prefix's tile height: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(P))
 
 
 def new_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, device=None) -> torch.Tensor:
@@ -158,15 +180,18 @@ def gather_sequence(cache: torch.Tensor, head_dim: int, block_table: torch.Tenso
     return flat(K), flat(V)
 
 
-def kv4_attention_reference(q, cache, block_tables, seq_lens, softmax_scale: float) -> torch.Tensor:
+def kv4_attention_reference(q, cache, block_tables, seq_lens, softmax_scale: float, prefix=None) -> torch.Tensor:
     """float64 attention of each query row q[t] [H_q, D] over the first ``seq_lens[t]`` cached
     tokens of the sequence in ``block_tables[t]`` (a prefill token at position p is a row with
-    seq_len p + 1)."""
+    seq_len p + 1), preceded by the ``prefix`` tokens' K and V [H_kv, P, D] when given (a
+    full-precision attention prefix: in every row's past, so all visible)."""
     T, Hq, D = q.shape
     group = Hq // cache.shape[1]
     out = torch.empty(T, Hq, D, dtype=torch.float64)
     for t in range(T):
         k, v = gather_sequence(cache, D, block_tables[t], int(seq_lens[t]))
+        if prefix is not None:
+            k, v = (torch.cat([p.transpose(0, 1).to(x), x]) for p, x in zip(prefix, (k, v)))
         k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
         s = torch.einsum("hd,nhd->hn", q[t].double(), k) * softmax_scale
         out[t] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
@@ -283,20 +308,53 @@ def _nibbles(b):
 
 
 @triton.jit
-def _kv4_decode_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, len_ptr, o_ptr, part_ptr, ml_ptr,
+def _token_offsets(bt_row_ptr, toks, valid, kvh, stride_page, H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   D: tl.constexpr):
+    """Where the cached tokens ``toks`` (``valid`` ones only) of the sequence whose block table row
+    is at bt_row_ptr live for KV head kvh: byte offsets of their codes and zero points and the
+    float32 index of their K scale (V's is next), from the page layout of the module docstring."""
+    S: tl.constexpr = H_KV * BLOCK_SIZE
+    blocks = tl.load(bt_row_ptr + toks // BLOCK_SIZE, mask=valid, other=0)
+    page = blocks.to(tl.int64) * stride_page
+    r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
+    return page + r * D, page + S * (D + 8) + r, (page + S * D) // 4 + r * 2
+
+
+@triton.jit
+def _prefix_softmax(q_even, q_odd, pk_ptr, pv_ptr, j, P: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr):
+    """The online softmax's first state (max, sum, Σ p·v's even and odd halves) of the scaled
+    queries over P full-precision prefix tokens pk, pv [P, D] of any float type: IEEE float32
+    dots, as exact as the reference needs and cheap for a few tokens read once per row."""
+    t = tl.arange(0, BLOCK_P)
+    in_p = (t < P)[:, None]
+    row = t[:, None] * D + 2 * j[None, :]
+    ke = tl.load(pk_ptr + row, mask=in_p, other=0.0).to(tl.float32)
+    ko = tl.load(pk_ptr + row + 1, mask=in_p, other=0.0).to(tl.float32)
+    s = tl.dot(q_even, tl.trans(ke), input_precision="ieee") + tl.dot(q_odd, tl.trans(ko), input_precision="ieee")
+    s = tl.where(t[None, :] < P, s, -float("inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    ve = tl.load(pv_ptr + row, mask=in_p, other=0.0).to(tl.float32)
+    vo = tl.load(pv_ptr + row + 1, mask=in_p, other=0.0).to(tl.float32)
+    return m, tl.sum(p, axis=1), tl.dot(p, ve, input_precision="ieee"), tl.dot(p, vo, input_precision="ieee")
+
+
+@triton.jit
+def _kv4_decode_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, len_ptr, pk_ptr, pv_ptr, o_ptr, part_ptr, ml_ptr,
                        stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, stride_page, softmax_scale,
                        H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                       D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, P: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
     """Program (query row b, KV head, split): the GROUP query heads of row b sharing that KV head
     (padded to GROUP_P ≥ 16 rows of a dot) attend to split ``sp`` of the first len[b] tokens of
     block table row b; the row's context is cut into SPLITS chunks of whole tiles, so every split
-    has work whatever the block table's width. With one split the output is written directly,
-    else the unnormalised partial and its (max, sum) go to a workspace that _kv4_combine_kernel
-    reduces."""
+    has work whatever the block table's width. With a prefix (P > 0 tokens at pk, pv [H_KV, P, D]),
+    split 0 starts from the prefix's softmax state, so the prefix counts once per row. With one
+    split the output is written directly, else the unnormalised partial and its (max, sum) go to
+    a workspace that _kv4_combine_kernel reduces."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    S: tl.constexpr = H_KV * BLOCK_SIZE
     g = tl.arange(0, GROUP_P)
     heads = kvh * GROUP + g
     in_group = g < GROUP
@@ -317,16 +375,16 @@ def _kv4_decode_kernel(q_ptr, cache_ptr, scale_ptr, bt_ptr, len_ptr, o_ptr, part
     l_i = tl.zeros([GROUP_P], dtype=tl.float32)
     acc_e = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
     acc_o = tl.zeros([GROUP_P, D // 2], dtype=tl.float32)
+    if P > 0:
+        if sp == 0:
+            m_i, l_i, acc_e, acc_o = _prefix_softmax(q_even, q_odd, pk_ptr + kvh * P * D, pv_ptr + kvh * P * D, j,
+                                                     P, BLOCK_P, D)
     end = tl.minimum(sp * chunk + chunk, n)
     for start in range(sp * chunk, end, BLOCK_N):  # every tile holds at least one visible token
         toks = start + tl.arange(0, BLOCK_N)
         valid = toks < end
-        blocks = tl.load(bt_ptr + b * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
-        page = blocks.to(tl.int64) * stride_page
-        r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
-        codes = page + r * D
-        sc = (page + S * D) // 4 + r * 2
-        zp = tl.load(cache_ptr + page + S * (D + 8) + r, mask=valid, other=0).to(tl.int32)
+        codes, zeros, sc = _token_offsets(bt_ptr + b * stride_bt, toks, valid, kvh, stride_page, H_KV, BLOCK_SIZE, D)
+        zp = tl.load(cache_ptr + zeros, mask=valid, other=0).to(tl.int32)
         kp = tl.load(cache_ptr + codes[:, None] + j[None, :], mask=valid[:, None], other=0)
         ks = tl.load(scale_ptr + sc, mask=valid, other=1.0)
         kz = (zp & 0xF).to(tl.float32)
@@ -401,13 +459,15 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-               softmax_scale: float, out: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+               softmax_scale: float, out: torch.Tensor | None = None, splits: int | None = None,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of each query row q[b] [H_q, D] over the first ``seq_lens[b]`` cached tokens of
-    ``block_tables[b]`` (decode: the row's own K/V stored first); writes into ``out`` [B, H_q, D]
-    when given. ``splits`` divides each row's context among that many programs, merged by a
-    second kernel; by default it is chosen from the GPU's size and the block table's width
-    (shapes only: no host sync, so the call can be graph-captured). A row with seq_len 0
-    (padding) gets NaN."""
+    ``block_tables[b]`` (decode: the row's own K/V stored first), and over the full-precision
+    ``prefix`` K and V [H_kv, P, D] (float32 or q's dtype) in front of them when given; writes
+    into ``out`` [B, H_q, D] when given. ``splits`` divides each row's context among that many
+    programs, merged by a second kernel; by default it is chosen from the GPU's size and the
+    block table's width (shapes only: no host sync, so the call can be graph-captured). A row
+    with seq_len 0 (padding) gets NaN, or the prefix's attention."""
     B, Hq, D = q.shape
     _check_cache(cache, D)
     Hkv = cache.shape[1]
@@ -418,6 +478,7 @@ def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     if block_tables.shape[0] < B or seq_lens.shape[0] < B:
         raise ValueError(f"{B} query rows but block tables {tuple(block_tables.shape)} and seq_lens "
                          f"{tuple(seq_lens.shape)}")
+    P = _check_prefix(prefix, Hkv, D)
     out = torch.empty_like(q) if out is None else out
     if not B:
         return out
@@ -432,11 +493,13 @@ def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         part = ml = out  # unused
     bt = block_tables.to(torch.int32)
     group = Hq // Hkv
+    pk, pv = (q, q) if prefix is None else (x.contiguous() for x in prefix)  # q: unused
     _kv4_decode_kernel[(B, Hkv, splits)](
-        q, cache, float32_view(cache), bt, seq_lens.to(torch.int32), out, part, ml,
+        q, cache, float32_view(cache), bt, seq_lens.to(torch.int32), pk, pv, out, part, ml,
         q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
         float(softmax_scale), H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group,
-        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits)
+        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits, P=P,
+        BLOCK_P=_prefix_block(P))
     if splits > 1:
         _kv4_combine_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), H_Q=Hq, SPLITS=splits,
                                      SPLITS_P=triton.next_power_of_2(splits), D=D)
@@ -446,26 +509,23 @@ def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
 # ----------------------------------------------------------------------------- prefill
 
 @triton.jit
-def _kv4_gather_kernel(cache_ptr, scale_ptr, bt_ptr, len_ptr, start_ptr, k_ptr, v_ptr, stride_bt, stride_page,
-                       stride_sh, H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def _kv4_gather_kernel(cache_ptr, scale_ptr, bt_ptr, len_ptr, start_ptr, pk_ptr, pv_ptr, k_ptr, v_ptr, stride_bt,
+                       stride_page, stride_sh, H_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (request r, tile, KV head): dequantize tokens [tile · BLOCK_N, +BLOCK_N) ∩ [0, len[r])
     of block table row r into the scratch K and V [H_KV, total, D] at rows start[r] + token, as
-    (code − zero) · scale in float32 (the reference's arithmetic), rounded once to the scratch's type."""
+    (code − zero) · scale in float32 (the reference's arithmetic), rounded once to the scratch's type.
+    With a prefix (P > 0 tokens at pk, pv [H_KV, P, D]), tile 0 also copies it to rows start[r] − P
+    onward, just before the request's."""
     rq = tl.program_id(0)
     tile = tl.program_id(1)
     kvh = tl.program_id(2)
-    S: tl.constexpr = H_KV * BLOCK_SIZE
     n = tl.load(len_ptr + rq)
     first = tl.load(start_ptr + rq).to(tl.int64)
     toks = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = toks < n
-    blocks = tl.load(bt_ptr + rq * stride_bt + toks // BLOCK_SIZE, mask=valid, other=0)
-    page = blocks.to(tl.int64) * stride_page
-    r = kvh * BLOCK_SIZE + toks % BLOCK_SIZE
-    codes = page + r * D
-    sc = (page + S * D) // 4 + r * 2
-    zp = tl.load(cache_ptr + page + S * (D + 8) + r, mask=valid, other=0).to(tl.int32)
+    codes, zeros, sc = _token_offsets(bt_ptr + rq * stride_bt, toks, valid, kvh, stride_page, H_KV, BLOCK_SIZE, D)
+    zp = tl.load(cache_ptr + zeros, mask=valid, other=0).to(tl.int32)
     j = tl.arange(0, D // 2)
     kp = tl.load(cache_ptr + codes[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
     vp = tl.load(cache_ptr + codes[:, None] + D // 2 + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
@@ -479,34 +539,54 @@ def _kv4_gather_kernel(cache_ptr, scale_ptr, bt_ptr, len_ptr, start_ptr, k_ptr, 
     dst = kvh.to(tl.int64) * stride_sh + (first + toks)[:, None] * D + d[None, :]
     tl.store(k_ptr + dst, tl.reshape(k, (BLOCK_N, D)).to(k_ptr.dtype.element_ty), mask=valid[:, None])
     tl.store(v_ptr + dst, tl.reshape(v, (BLOCK_N, D)).to(v_ptr.dtype.element_ty), mask=valid[:, None])
+    if P > 0:
+        if tile == 0:
+            t = tl.arange(0, BLOCK_P)
+            in_p = (t < P)[:, None]
+            src = (kvh * P + t[:, None]) * D + d[None, :]
+            # not `dst`: Triton would carry that [BLOCK_N, D] name through the branch as [BLOCK_P, D]
+            p_dst = kvh.to(tl.int64) * stride_sh + (first - P + t)[:, None] * D + d[None, :]
+            tl.store(k_ptr + p_dst, tl.load(pk_ptr + src, mask=in_p).to(k_ptr.dtype.element_ty), mask=in_p)
+            tl.store(v_ptr + p_dst, tl.load(pv_ptr + src, mask=in_p).to(v_ptr.dtype.element_ty), mask=in_p)
 
 
 _GATHER_N = 64
 
 
 def kv4_gather(cache: torch.Tensor, head_dim: int, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-               max_len: int, total: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               max_len: int, total: int, dtype: torch.dtype,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized K and V [H_kv, total, D] in ``dtype`` of the first ``seq_lens[r]`` tokens of each
     ``block_tables[r]``, request after request (``total`` = Σ seq_lens and ``max_len`` = max
-    seq_lens, given by the caller from its host-side lengths), in one pass over the pages."""
+    seq_lens, given by the caller from its host-side lengths), in one pass over the pages. With a
+    ``prefix`` (K and V [H_kv, P, D]), each request's rows are preceded by the prefix's P rows
+    ([H_kv, total + R · P, D]), so that its attention needs no concatenation."""
     _check_cache(cache, head_dim)
     Hkv, R = cache.shape[1], seq_lens.shape[0]
-    scratch = torch.empty(2, Hkv, total, head_dim, dtype=dtype, device=cache.device)
-    if R and max_len:
+    P = _check_prefix(prefix, Hkv, head_dim)
+    rows = total + R * P
+    scratch = torch.empty(2, Hkv, rows, head_dim, dtype=dtype, device=cache.device)
+    tiles = max(triton.cdiv(max_len, _GATHER_N), min(P, 1))  # tile 0 writes the prefix
+    if R and tiles:
         lens = seq_lens.to(torch.int32)
-        starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+        starts = torch.cumsum(lens + P, 0, dtype=torch.int32) - lens
         bt = block_tables.to(torch.int32)
-        _kv4_gather_kernel[(R, triton.cdiv(max_len, _GATHER_N), Hkv)](
-            cache, float32_view(cache), bt, lens, starts, scratch[0], scratch[1], bt.stride(0), cache.stride(0),
-            total * head_dim, H_KV=Hkv, BLOCK_SIZE=cache.shape[2], D=head_dim, BLOCK_N=_GATHER_N)
+        pk, pv = (scratch, scratch) if prefix is None else (x.contiguous() for x in prefix)  # scratch: unused
+        _kv4_gather_kernel[(R, tiles, Hkv)](
+            cache, float32_view(cache), bt, lens, starts, pk, pv, scratch[0], scratch[1], bt.stride(0),
+            cache.stride(0), rows * head_dim, H_KV=Hkv, BLOCK_SIZE=cache.shape[2], D=head_dim, BLOCK_N=_GATHER_N,
+            P=P, BLOCK_P=_prefix_block(P))
     return scratch[0], scratch[1]
 
 
-def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, prefix=None) -> torch.Tensor:
     """Causal SDPA of q [H_q, n, D] over k, v [H_kv, L, D] (L ≥ n), aligned bottom-right: query i
     sits at position L − n + i. is_causal (FlashAttention on CUDA) when n = L; else, in 16 bits on
     CUDA, torch's lower-right CausalBias (FlashAttention with its bottom-right mask), elsewhere
-    an explicit mask."""
+    an explicit mask. A ``prefix`` (K and V [H_kv, P, D]) goes in front of k and v: it lies
+    below every query's diagonal, so the same bottom-right mask lets every query see all of it."""
+    if prefix is not None:
+        k, v = (torch.cat([p.to(x), x], 1) for p, x in zip(prefix, (k, v)))
     n, L = q.shape[1], k.shape[1]
     if n == L:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -518,16 +598,19 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 
 def causal_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, query_starts: list[int],
-                     seq_lens: list[int], softmax_scale: float, out: torch.Tensor) -> torch.Tensor:
+                     seq_lens: list[int], softmax_scale: float, out: torch.Tensor,
+                     prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Request r's query tokens q[query_starts[r]:query_starts[r + 1]] [n, H_q, D] are the last n
     of its seq_lens[r] tokens, whose K and V are rows [Σ seq_lens[:r], +seq_lens[r]) of K, V
-    [H_kv, total, D]; causal SDPA per request into ``out`` [T, H_q, D]. Host lists: no sync."""
+    [H_kv, total, D]; causal SDPA per request into ``out`` [T, H_q, D], every query also seeing
+    all of ``prefix`` (K and V [H_kv, P, D], in front of each request's tokens) when given. Host
+    lists: no sync."""
     kv0 = 0
     for r, length in enumerate(seq_lens):
         q0, q1 = query_starts[r], query_starts[r + 1]
         if q1 > q0:
             o = _causal_sdpa(q[q0:q1].transpose(0, 1), K[:, kv0:kv0 + length], V[:, kv0:kv0 + length],
-                             softmax_scale)
+                             softmax_scale, prefix)
             out[q0:q1] = o.transpose(0, 1)
         kv0 += length
     return out
@@ -535,10 +618,12 @@ def causal_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, query_st
 
 def kv4_prefill(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                 query_starts: list[int], seq_lens_host: list[int], softmax_scale: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of prefill requests (see :func:`causal_attention`) over the int4 pages:
-    :func:`kv4_gather` into a scratch of q's dtype, then SDPA. ``seq_lens`` (device) and
-    ``seq_lens_host`` hold the same lengths; ``query_starts`` [R + 1] is relative to q."""
+                out: torch.Tensor | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal attention of prefill requests (see :func:`causal_attention`, ``prefix`` included)
+    over the int4 pages: :func:`kv4_gather` into a scratch of q's dtype, then SDPA. ``seq_lens``
+    (device) and ``seq_lens_host`` hold the same lengths; ``query_starts`` [R + 1] is relative to
+    q."""
     T, Hq, D = q.shape
     out = torch.empty_like(q) if out is None else out
     if len(query_starts) != len(seq_lens_host) + 1 or query_starts[-1] - query_starts[0] > T:
@@ -546,6 +631,9 @@ def kv4_prefill(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor
                          f"{T} tokens, got {query_starts}")
     if Hq % cache.shape[1]:
         raise ValueError(f"{Hq} query heads are not a multiple of {cache.shape[1]} KV heads")
+    P = _check_prefix(prefix, cache.shape[1], D)
     K, V = kv4_gather(cache, D, block_tables, seq_lens, max(seq_lens_host, default=0), sum(seq_lens_host),
-                      q.dtype)
-    return causal_attention(q, K, V, query_starts, seq_lens_host, softmax_scale, out)
+                      q.dtype, prefix)
+    # the scratch holds each request's tokens behind its own copy of the prefix: plain causal
+    # attention over P more tokens is the prefix's attention
+    return causal_attention(q, K, V, query_starts, [P + n for n in seq_lens_host], softmax_scale, out)

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from rotq.quant.errors import RotqError
 from rotq.quant.recipe import Recipe, flag
+from rotq.quant.scheme import PrefixArgs
 
 logger = logging.getLogger(__name__)
 
@@ -103,18 +105,23 @@ def _calibrate_and_write(spec: str, out: Path, r: Recipe, scheme, ranks, device:
         calib_ids = calibration_batches(tokenize_text(tokenizer, text), r.nsamples, r.seqlen, r.seed)
     state = None if ranks.distributed else _open_state(state_dir, resume, r, model_dir, calib_ids,
                                                        len(decoder_layers(model)))
-    rotations, rotation_info = _rotations(model, scheme, calib_ids, r, learning, state, ranks)
+    prefix, prefix_info = _prefix(model, tokenizer, calib_ids, r, offload)
+    if prefix is not None:
+        scheme = scheme.replace(prefix=PrefixArgs(prefix.token_ids))
+    rotations, rotation_info = _rotations(model, scheme, calib_ids, r, learning, state, ranks, prefix)
     cfg = CalibrationConfig(method=r.plan, act_quant_calibration=r.calib_act_quant, batch_size=r.batch_size,
                             device=device, trajectory_dir=r.trajectory_dir,
                             act_clip_search=ClipSearchOptions() if r.fits_activation_clip else None,
                             refine=r.refine_options(), options=r.method_options())
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,
-                       offload=offload)
+                       offload=offload, prefix=prefix)
     scheme = result.scheme
     options = r.to_dict() | {"a_clip": scheme.activations.clip_ratio if r.fits_activation_clip else r.a_clip}
     provenance = {"model": spec, "options": options}
     if rotation_info is not None:
         provenance["rotations"] = rotation_info
+    if prefix_info is not None:
+        provenance["prefix"] = prefix_info
     if ranks.distributed:
         provenance["processes"] = ranks.world
     full_report = {"provenance": provenance, **result.report.to_dict()}
@@ -124,7 +131,7 @@ def _calibrate_and_write(spec: str, out: Path, r: Recipe, scheme, ranks, device:
     for layer in decoder_layers(model):  # export packs the integer weights: free the float copies
         release_linears(layer)
     _export(out, r, model, result.weights, tokenizer, scheme, full_report, rotations, model_dir,
-            "5GB" if offload is None else "1GB")  # a shard is assembled in memory before it is written
+            "5GB" if offload is None else "1GB", result.prefix)  # a shard is assembled in memory before it is written
     if report_path is not None:
         Path(report_path).write_text(json.dumps(full_report, indent=2) + "\n")
     if state is not None:
@@ -145,7 +152,7 @@ def _load(model_dir: Path, scratch: Path | None):
 
 
 def _export(out: Path, r: Recipe, model, weights, tokenizer, scheme, report: dict, rotations, model_dir: Path,
-            shard: str) -> None:
+            shard: str, prefix=None) -> None:
     from rotq.export import model_card
     from rotq.export.compressed_tensors import save_compressed_tensors
     from rotq.export.rotq_format import save_rotq
@@ -158,7 +165,7 @@ def _export(out: Path, r: Recipe, model, weights, tokenizer, scheme, report: dic
     files = {"README.md": model_card.render(card)}
     if r.format == "rotq":
         save_rotq(model, weights, tokenizer, scheme, out, report=report, rotations=rotations, max_shard_size=shard,
-                  files=files)
+                  files=files, prefix=prefix)
     else:
         save_compressed_tensors(model, weights, tokenizer, scheme, out, max_shard_size=shard, files=files)
 
@@ -214,7 +221,35 @@ def _open_state(state_dir: Path, resume: bool, r: Recipe, model_dir: Path, calib
     return state
 
 
-def _rotations(model, scheme, calib_ids, r: Recipe, learning, state, ranks):
+def _prefix(model, tokenizer, calib_ids, r: Recipe, offload):
+    """(PrefixKV or None, what the report records): the full-precision prefix (prefix.py), chosen
+    from the calibration data's outlier statistics (``auto``) or given as token ids, computed on
+    the model as loaded (before any rotation)."""
+    from rotq.quant.prefix import choose_prefix, compute_prefix_kv, outliers_with_prefix
+
+    wanted = r.prefix_tokens
+    if wanted == "none":
+        return None, None
+    source = None if offload is None else offload.source
+    started = time.perf_counter()
+    info = {"source": "given"}
+    if wanted == "auto":
+        choice = choose_prefix(model, calib_ids, tokenizer, source)
+        info = {"source": "auto", **choice.to_dict()}
+        if not choice.token_ids:
+            return None, info
+        wanted = choice.token_ids
+    prefix = compute_prefix_kv(model, wanted, source)
+    info["token_ids"] = list(wanted)
+    info["tokens"] = [tokenizer.decode([t]) for t in wanted]
+    if calib_ids is not None:
+        info["outliers_per_sequence_with_prefix"] = round(outliers_with_prefix(model, calib_ids, prefix, source), 3)
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    logger.info("full-precision prefix %s (%s)", info["token_ids"], info["tokens"])
+    return prefix, info
+
+
+def _rotations(model, scheme, calib_ids, r: Recipe, learning, state, ranks, prefix=None):
     """(R1/R2 to fold, provenance) for spinquant: learned (or the ones an interrupted run learned,
     from ``state``), or read from the rotation file; (None, None) for the other rotations."""
     from rotq.export.rotations_file import load_rotations
@@ -226,7 +261,7 @@ def _rotations(model, scheme, calib_ids, r: Recipe, learning, state, ranks):
         return state.load_rotations(model.config), state.rotation_info
     if learning is None:
         return load_rotations(Path(r.rotation_file), model.config), {"source": "file", "file": r.rotation_file}
-    result = learn_rotations(model, scheme, calib_ids, learning, ranks)
+    result = learn_rotations(model, scheme, calib_ids, learning, ranks, prefix)
     losses = result.losses
     info = {"source": "learned", "steps": learning.steps, "lr": learning.lr,
             "samples_per_step": learning.samples_per_step, "first_loss": losses[0] if losses else None,

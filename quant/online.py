@@ -11,6 +11,9 @@ quantizers round straight through, for learning rotations through them (spinquan
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -18,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rotq.quant.arch import decoder_layers, layer_linears
 from rotq.quant.hadamard import apply_hadamard
+from rotq.quant.prefix_kv import KEY_BUFFER, VALUE_BUFFER, prefix_mask
 from rotq.quant.quantizer import fake_quantize_activation, fake_quantize_kv
 from rotq.quant.scheme import ActivationArgs, KVCacheArgs, Scheme
 
@@ -25,14 +29,39 @@ ATTN_IMPLEMENTATION = "rotq"
 
 
 def rotq_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with R3 on Q and K [B, heads, M, D] and fake-quantized K and V."""
+    """SDPA with R3 on Q and K [B, heads, M, D] and fake-quantized K and V, over the
+    full-precision prefix's K and V first when the layer has one (prefix.py)."""
+    capture = getattr(module, "rotq_capture", None)
+    if capture is not None:
+        capture.append((key, value))
     if getattr(module, "rotq_r3", False):
         query, key = apply_hadamard(query), apply_hadamard(key)
     kv: KVCacheArgs | None = getattr(module, "rotq_kv", None)
     if kv is not None:
         ste = getattr(module, "rotq_ste", False)
         key, value = fake_quantize_kv(key, kv, ste), fake_quantize_kv(value, kv, ste)
+    prefix_key = getattr(module, KEY_BUFFER, None)
+    if prefix_key is not None:
+        B, P = key.shape[0], prefix_key.shape[2]
+        prefix_value = getattr(module, VALUE_BUFFER)
+        attention_mask = prefix_mask(attention_mask, query.shape[2], key.shape[2], P, key.device)
+        key = torch.cat([prefix_key.to(key.dtype).expand(B, -1, -1, -1), key], 2)
+        value = torch.cat([prefix_value.to(value.dtype).expand(B, -1, -1, -1), value], 2)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def capture_attention_inputs(model: nn.Module, attention: nn.Module):
+    """Collect the K and V [B, kv_heads, M, D] (after RoPE, before any online op) that
+    ``attention`` (a layer's self_attn) receives while the block runs: a list of (K, V)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    attention.rotq_capture = []
+    try:
+        yield attention.rotq_capture
+    finally:
+        del attention.rotq_capture
+        model.set_attn_implementation(previous)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, rotq_attention)
@@ -59,7 +88,7 @@ def install_online_ops(model: nn.Module, scheme: Scheme, ste: bool = False) -> N
     ``ste``: straight-through rounding in the quantizers (same outputs, gradients pass)."""
     for layer in decoder_layers(model):
         install_layer_ops(layer, scheme, ste)
-    online_attention = scheme.rotation.r3 or scheme.kv_cache is not None
+    online_attention = scheme.rotation.r3 or scheme.kv_cache is not None or scheme.prefix is not None
     model.set_attn_implementation(ATTN_IMPLEMENTATION if online_attention else "sdpa")
 
 

@@ -40,6 +40,8 @@ from rotq.quant.heap import release_freed_heap
 from rotq.quant.hessian import group_statistics
 from rotq.quant.methods import MethodOptions, SolverPlan, parse_method, solve_plan
 from rotq.quant.online import install_layer_ops, install_online_ops
+from rotq.quant.prefix import attach_prefix
+from rotq.quant.prefix_kv import PrefixKV
 from rotq.quant.quantizer import QuantizedWeight, compact_codes
 from rotq.quant.refine import RefineOptions, RefineReport, check_refine, refine_layer
 from rotq.export.rotations_file import RotationMatrices
@@ -115,6 +117,7 @@ class QuantizedModel:
     scheme: Scheme
     weights: dict[str, QuantizedWeight]
     report: CalibrationReport
+    prefix: PrefixKV | None = None  # the full-precision prefix in the rotated model's basis
 
 
 def prepare_model(model: nn.Module, scheme: Scheme, rotations: RotationMatrices | None = None,
@@ -159,13 +162,15 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
               cfg: CalibrationConfig = CalibrationConfig(),
               rotations: RotationMatrices | None = None,
               state: CalibrationState | None = None, ranks: Ranks = SINGLE,
-              offload: Offload | None = None) -> QuantizedModel:
+              offload: Offload | None = None, prefix: PrefixKV | None = None) -> QuantizedModel:
     """Quantize ``model`` in place (weights become their dequantized quantized values) and
     leave it computing the scheme's online ops. ``calib_ids`` [N, L] may be None for RTN;
     ``rotations`` are the learned R1/R2 a "spinquant" scheme folds (spinquant.py); ``state``
     saves progress after each layer and, when it holds completed layers, skips them; ``ranks``:
     this process's place among torchrun's (every rank passes the same ``calib_ids``); ``offload``:
-    the decoder layers' linears are on disk (offload.py) and the quantized weights go there."""
+    the decoder layers' linears are on disk (offload.py) and the quantized weights go there;
+    ``prefix``: the full-precision prefix (prefix.py, computed on the model before rotation) that
+    every sequence then has in its past, in calibration as at inference; the scheme must name it."""
     plan = cfg.method
     check_refine(cfg.refine, ranks.distributed)
     n, seqlen = (0, 0) if calib_ids is None else tuple(calib_ids.shape)
@@ -173,7 +178,12 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     result = QuantizedModel(model, scheme, {} if offload is None else offload.weights, report)
     # An interrupted run's seconds count too: the clock starts that much earlier.
     clock = time.perf_counter() - (state.report["seconds"] if state is not None else 0.0)
+    if (prefix is None) != (scheme.prefix is None):
+        raise ValueError("the scheme's prefix and the prefix K/V passed to calibrate must be given together")
     prepare_model(model, scheme, rotations, layers=offload is None)
+    if prefix is not None:
+        result.prefix = rotated_prefix(model.config, scheme, prefix, rotations)
+        attach_prefix(model, result.prefix)
     stream = _LayerStream(model, scheme, rotations, offload)
     if cfg.act_clip_search is not None:
         report.act_clip_search = _fit_activation_clip(model, scheme, calib_ids, cfg.act_clip_search, state, ranks,
@@ -201,6 +211,12 @@ def calibrate(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor | None,
     report.seconds = time.perf_counter() - clock
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def rotated_prefix(config, scheme: Scheme, prefix: PrefixKV, rotations: RotationMatrices | None = None) -> PrefixKV:
+    """The prefix's K/V as the scheme's rotated model computes them (R3 on K, R2 on V)."""
+    matrices = rotation_matrices(config, scheme.rotation, rotations) if scheme.rotation.r2 else None
+    return prefix.rotated(scheme.rotation.r3, None if matrices is None else matrices.R2)
 
 
 def _fit_activation_clip(model, scheme, calib_ids, options, state, ranks, device: str) -> dict:

@@ -23,6 +23,7 @@ from rotq.quant.foem import DEFAULT_ALPHA, DEFAULT_BETA, FOEMOptions
 from rotq.quant.gptaq import GPTAQOptions
 from rotq.quant.gptq import GPTQOptions
 from rotq.quant.methods import MethodOptions, SolverPlan, parse_method
+from rotq.quant.prefix import parse_prefix
 from rotq.quant.qep import QEPOptions
 from rotq.quant.refine import REFINE_KINDS, RefineOptions
 from rotq.quant.rescomp import ResCompOptions
@@ -36,6 +37,9 @@ FORMATS = ("rotq", "compressed-tensors")
 DEFAULT_ROTATION = {True: "spinquant", False: "hadamard"}
 DEFAULT_METHOD = {True: "qep+gptq", False: "gptaq"}
 DEFAULT_A_CLIP = {True: "auto", False: None}  # None: 16-bit activations have no clip
+# A full-precision prefix of the sink tokens (prefix.py) where activations are quantized: their
+# massive activations are what 4-bit activations handle worst. compressed-tensors cannot carry it.
+DEFAULT_PREFIX = {True: "auto", False: "none"}
 
 # Option groups, in the order `rotq quantize --help` lists them.
 GROUPS = ("scheme", "rotation", "method", "calibration data", "memory and devices", "experimental")
@@ -67,6 +71,9 @@ class Recipe:
                                       "loss on the calibration data (weights in full precision)", "scheme", "a_clip",
                                       "auto where activations are quantized")
     kv_clip: float | None = _opt(None, "KV-cache clip ratio in (0, 1]", "scheme", float, str(KVCacheArgs.clip_ratio))
+    prefix: str | None = _opt(None, "full-precision attention prefix of sink tokens: auto (chosen from outlier "
+                              "statistics of the calibration data) | none | comma-separated token ids", "scheme",
+                              str, "auto where activations are quantized (rotq format), else none")
     format: str = _opt("rotq", "rotq (the rotq vLLM plugin, every scheme) | compressed-tensors (stock vLLM; "
                        "symmetric W4A16/W4A4/W8A8 without KV quantization)", "scheme")
 
@@ -162,7 +169,8 @@ class Recipe:
         every combination check runs here."""
         act = PRESETS[self.scheme].activations is not None
         resolved = dataclasses.replace(self, rotation=self.rotation or DEFAULT_ROTATION[act], method=self.plan.name,
-                                       a_clip=_given(self.a_clip, DEFAULT_A_CLIP[act]))
+                                       a_clip=_given(self.a_clip, DEFAULT_A_CLIP[act]),
+                                       prefix=_given(self.prefix, DEFAULT_PREFIX[act and self.format == "rotq"]))
         _check_combinations(resolved)
         return resolved
 
@@ -186,12 +194,18 @@ class Recipe:
         return self.a_clip == "auto"
 
     @property
+    def prefix_tokens(self) -> str | tuple[int, ...]:
+        """"auto", "none" or the given token ids (of a resolved recipe)."""
+        return parse_prefix(self.prefix or "none")
+
+    @property
     def learns_rotations(self) -> bool:
         return self.rotation == "spinquant" and self.rotation_file is None
 
     @property
     def needs_data(self) -> bool:
-        return self.plan.needs_data or self.learns_rotations or self.fits_activation_clip or self.refine != "none"
+        return (self.plan.needs_data or self.learns_rotations or self.fits_activation_clip or self.refine != "none"
+                or self.prefix == "auto")
 
     def build_scheme(self) -> Scheme:
         """The Scheme the run calibrates for (before any fitted activation clip)."""
@@ -294,6 +308,8 @@ def _check_values(r: Recipe) -> None:
         if isinstance(value, float) and not 0 < value <= 1:
             raise RotqError(f"{flag(name)} must be a ratio in (0, 1]{' or auto' if name == 'a_clip' else ''}, "
                             f"got {value!r}")
+    if r.prefix is not None:
+        parse_prefix(r.prefix)
     if r.w_clip_max_shrink is not None and not 0 <= r.w_clip_max_shrink < 1:
         raise RotqError(f"--w-clip-max-shrink must be in [0, 1), got {r.w_clip_max_shrink}")
 
@@ -310,6 +326,9 @@ def _check_combinations(r: Recipe) -> None:
         if getattr(r, name) is not None and not read:
             raise RotqError(f"{flag(name)} does not apply to --method {r.method}; drop it or choose a method with "
                             f"{name.split('_')[0]}")
+    if r.prefix != "none" and r.format != "rotq":
+        raise RotqError(f"--prefix {r.prefix}: the {r.format} format cannot store a full-precision prefix (stock "
+                        "vLLM would serve the model without it); use --format rotq or --prefix none")
     given = [flag(k) for k in ("rotation_steps", "rotation_lr", "rotation_samples", "rotation_file")
              if getattr(r, k) is not None]
     if given and r.rotation != "spinquant":

@@ -1,6 +1,6 @@
 """The PyTorch reference model of a rotq checkpoint: the rotated model with every quantized
 linear's weight dequantized to float32 and the scheme's online operations (activation and KV
-quantizers, online Hadamards) installed, i.e. what calibration simulated and what `rotq eval
+quantizers, online Hadamards, the full-precision attention prefix) installed, i.e. what calibration simulated and what `rotq eval
 --engine torch` measures. The checkpoint format itself (writing it, reading its scheme and
 tensors) is ``rotq.export.rotq_format``'s.
 """
@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 
 from rotq.export.checkpoint import quantized_linear_names
+from rotq.export.prefix_file import load_prefix
 from rotq.export.rotq_format import read_scheme, read_tensors
 from rotq.kernels.linear import dequantize_packed
 from rotq.kernels.packing import pack_factor
 from rotq.quant.errors import RotqError
 from rotq.quant.models import check_architecture
 from rotq.quant.online import install_online_ops
+from rotq.quant.prefix import attach_prefix
 from rotq.quant.scheme import Scheme
 
 __all__ = ["load_rotq", "dequantize_linear"]
@@ -58,6 +60,7 @@ def load_rotq(path: str | Path):
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
+    attach_prefix(model, load_prefix(path, scheme, config))
     install_online_ops(model, scheme)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, scheme

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 
 from rotq.quant.errors import RotqError
 
-FORMAT_VERSION = 1
-# Adding a kind keeps version 1: every version-1 file still reads the same, and an older reader
-# refuses the new kind by name. R1/R2 are folded into the weights, so serving treats "spinquant"
-# exactly like "hadamard" (only r3/r4 run online).
+FORMAT_VERSION = 2
+# Version 2 added ``prefix`` (a full-precision attention prefix stored beside the weights):
+# a version-1 file reads as before (no prefix), and a version-1 reader refuses a version-2 file
+# instead of serving it without its prefix. Adding a kind keeps the version: an older reader
+# refuses the new kind by name.
+READABLE_VERSIONS = (1, 2)
+# R1/R2 are folded into the weights, so serving treats "spinquant" exactly like "hadamard"
+# (only r3/r4 run online).
 ROTATION_KINDS = ("none", "hadamard", "spinquant")
 
 
@@ -87,19 +91,32 @@ class RotationArgs:
 
 
 @dataclass(frozen=True)
+class PrefixArgs:
+    """A full-precision attention prefix (quant/prefix.py): sink tokens in the past of every
+    sequence whose K and V, computed in full precision, are stored beside the weights (the
+    checkpoint's prefix file). Served at positions -P..-1; the text keeps positions 0, 1, ..."""
+
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Scheme:
     weights: WeightArgs = field(default_factory=WeightArgs)
     activations: ActivationArgs | None = None  # None: 16-bit activations
     kv_cache: KVCacheArgs | None = None  # None: 16-bit KV cache
     rotation: RotationArgs = field(default_factory=RotationArgs)
     ignore: tuple[str, ...] = ("lm_head",)
+    prefix: PrefixArgs | None = None  # None: no prefix (format version 2)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         _validate(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"ignore": list(self.ignore)}
+        d = dataclasses.asdict(self) | {"ignore": list(self.ignore)}
+        if self.prefix is not None:
+            d["prefix"] = {"token_ids": list(self.prefix.token_ids)}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
@@ -109,20 +126,24 @@ class Scheme:
         if method != "rotq":
             raise SchemeError(f"quantization_config.quant_method is {method!r}, expected 'rotq'")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise SchemeError(
-                f"quantization_config.format_version is {version!r}; this rotq reads version "
-                f"{FORMAT_VERSION}. Re-export the checkpoint or upgrade rotq."
+                f"quantization_config.format_version is {version!r}; this rotq reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Re-export the checkpoint or upgrade rotq."
             )
         _check_keys("quantization_config", d, cls)
+        if version == 1 and d.get("prefix") is not None:
+            raise SchemeError("quantization_config.prefix needs format_version 2, the file says 1")
         sub = {"weights": WeightArgs, "activations": ActivationArgs, "kv_cache": KVCacheArgs,
-               "rotation": RotationArgs}
+               "rotation": RotationArgs, "prefix": PrefixArgs}
         kwargs = {}
         for name, value in d.items():
             if name in sub and value is not None:
                 if not isinstance(value, dict):
                     raise SchemeError(f"quantization_config.{name} must be a mapping, got {value!r}")
                 _check_keys(f"quantization_config.{name}", value, sub[name])
+                if name == "prefix":
+                    value = {"token_ids": _token_ids(value.get("token_ids"))}
                 value = sub[name](**value)
             elif name == "ignore":
                 value = tuple(value)
@@ -138,6 +159,12 @@ class Scheme:
         a = self.activations.bits if self.activations else 16
         kv = f"KV{self.kv_cache.bits}" if self.kv_cache else ""
         return f"W{self.weights.bits}A{a}{kv}"
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and t >= 0 for t in value):
+        raise SchemeError(f"quantization_config.prefix.token_ids must be a non-empty list of token ids, got {value!r}")
+    return tuple(value)
 
 
 def _check_keys(where: str, d: dict, cls) -> None:
@@ -165,6 +192,8 @@ def _validate(s: Scheme) -> None:
     if s.rotation.kind not in ROTATION_KINDS:
         raise SchemeError(f"rotation.kind must be one of {', '.join(map(repr, ROTATION_KINDS))}, "
                           f"got {s.rotation.kind!r}")
+    if s.prefix is not None and not s.prefix.token_ids:
+        raise SchemeError("prefix.token_ids is empty; use prefix null for no prefix")
     if s.rotation.kind == "none" and any((s.rotation.r1, s.rotation.r2, s.rotation.r3, s.rotation.r4)):
         raise SchemeError("rotation.kind is 'none' but r1..r4 are set; use kind 'hadamard'")
 

@@ -49,6 +49,8 @@ from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
 from rotq.quant.online import install_online_ops, remove_online_ops
+from rotq.quant.prefix import attach_prefix
+from rotq.quant.prefix_kv import VALUE_BUFFER, PrefixKV
 from rotq.quant.rotation import fuse_norms, hadamard_rotations
 from rotq.quant.scheme import Scheme
 
@@ -114,8 +116,11 @@ def orthogonalize(R: torch.Tensor) -> torch.Tensor:
 
 
 def learn_rotations(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor,
-                    options: SpinQuantOptions = SpinQuantOptions(), ranks: Ranks = SINGLE) -> SpinQuantResult:
-    """Learn R1/R2 for ``scheme`` (rotation kind "spinquant") on ``calib_ids`` [N, L].
+                    options: SpinQuantOptions = SpinQuantOptions(), ranks: Ranks = SINGLE,
+                    prefix: PrefixKV | None = None) -> SpinQuantResult:
+    """Learn R1/R2 for ``scheme`` (rotation kind "spinquant") on ``calib_ids`` [N, L], with the
+    full-precision ``prefix`` (prefix.py; K/V of the model before rotation) in every sequence's
+    past: its V follows each step's R2, its K only R3 (R1 cancels in both).
 
     Leaves ``model`` norm-fused (as :func:`~rotq.quant.pipeline.prepare_model` would), with its
     weights otherwise unchanged and no online ops; fold the result with ``calibrate(...,
@@ -130,6 +135,7 @@ def learn_rotations(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor,
                        "on R1/R2 and learning leaves the Hadamard init (almost) unchanged")
     start = time.perf_counter()
     fuse_norms(model)
+    _attach_learning_prefix(model, scheme, prefix)
     init = hadamard_rotations(model.config, rot.seed)
     R1, R2 = init.R1.clone(), [R.clone() for R in init.R2]
     result = SpinQuantResult(RotationMatrices(R1, R2))
@@ -162,14 +168,22 @@ def learn_rotations(model: nn.Module, scheme: Scheme, calib_ids: torch.Tensor,
 
 
 def loss_and_gradients(model: nn.Module, scheme: Scheme, rotations: RotationMatrices, ids: torch.Tensor,
-                       checkpoint_layers: bool = True) -> tuple[float, list[torch.Tensor]]:
+                       checkpoint_layers: bool = True, prefix: PrefixKV | None = None) -> tuple[float, list[torch.Tensor]]:
     """The learning objective at ``rotations``: the mean next-token loss on ``ids`` [n, L] with
-    R1/R2 applied functionally and the scheme's online ops, and its Euclidean gradients
-    [dL/dR1, dL/dR2 of layer 0, ...] (float64). Leaves ``model`` norm-fused, without online ops."""
+    R1/R2 applied functionally and the scheme's online ops (and ``prefix`` in the past), and its
+    Euclidean gradients [dL/dR1, dL/dR2 of layer 0, ...] (float64). Leaves ``model`` norm-fused,
+    without online ops."""
     fuse_norms(model)
+    _attach_learning_prefix(model, scheme, prefix)
     with _learning_mode(model, scheme, ids.device):
         base = _base_weights(model, scheme.rotation.r4)
         return _loss_and_grads(model, base, rotations.R1, rotations.R2, ids, checkpoint_layers)
+
+
+def _attach_learning_prefix(model: nn.Module, scheme: Scheme, prefix: PrefixKV | None) -> None:
+    """The prefix with K after R3 and V before R2 (each step applies its R2, see _rotated_weights)."""
+    if prefix is not None:
+        attach_prefix(model, prefix.rotated(scheme.rotation.r3, None))
 
 
 @contextlib.contextmanager
@@ -205,6 +219,9 @@ def _base_weights(model: nn.Module, r4: bool) -> list[dict[str, torch.Tensor]]:
             w[f"{name}.weight"] = lin.weight.detach()
             if lin.bias is not None and name not in _ROTATED_INPUT:  # input-side rotations keep b
                 w[f"{name}.bias"] = lin.bias.detach()
+        value = getattr(layer.self_attn, VALUE_BUFFER, None)
+        if value is not None:  # the prefix's V [1, H_kv, P, D]: rotated by R2 like v_proj's output
+            w[f"self_attn.{VALUE_BUFFER}"] = value
         if r4:
             W, n = w["mlp.down_proj.weight"], layer.mlp.down_proj.in_features
             H = hadamard_matrix(n).to(W.device) / n**0.5
@@ -225,6 +242,8 @@ def _rotated_weights(model, base, R1f: torch.Tensor, R2f: list[torch.Tensor]) ->
         Wo = R1f.T @ b["self_attn.o_proj.weight"]  # [d, heads*D]: columns per head get R2
         w["self_attn.o_proj.weight"] = (Wo.view(d, shape.num_heads, D) @ R2).reshape(d, -1)
         w["mlp.down_proj.weight"] = R1f.T @ b["mlp.down_proj.weight"]
+        if f"self_attn.{VALUE_BUFFER}" in b:
+            w[f"self_attn.{VALUE_BUFFER}"] = b[f"self_attn.{VALUE_BUFFER}"] @ R2
         if "self_attn.v_proj.bias" in b:
             w["self_attn.v_proj.bias"] = (b["self_attn.v_proj.bias"].view(-1, D) @ R2).reshape(-1)
         for name in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):

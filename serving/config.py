@@ -67,7 +67,26 @@ class RotqConfig(QuantizationConfig):
     def __init__(self, scheme: Scheme):
         super().__init__()
         self.scheme = scheme
+        self.prefix = None  # the full-precision prefix's K/V (quant/prefix.PrefixKV), read by maybe_update_config
         self._warned_kv = False
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """vLLM names the checkpoint here (its config, once per engine): read the prefix file of a
+        prefixed scheme; it travels to the workers with this config."""
+        if self.scheme.prefix is None:
+            return
+        from pathlib import Path
+
+        from rotq.export.prefix_file import load_prefix
+
+        if not Path(model_name).is_dir():
+            raise ValueError(f"rotq: this checkpoint has a full-precision prefix stored beside its weights; serve it "
+                             f"from a local directory (got {model_name!r})")
+        if hf_config is None:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(model_name)
+        self.prefix = load_prefix(model_name, self.scheme, getattr(hf_config, "text_config", hf_config))
 
     def __repr__(self) -> str:
         return f"RotqConfig({self.scheme})"
@@ -98,6 +117,8 @@ class RotqConfig(QuantizationConfig):
             return RotqLinearMethod(self.scheme, prefix)
         if isinstance(layer, Attention):
             self._check_kv_cache(layer.kv_cache_dtype)
+            if self.scheme.prefix is not None:
+                _check_prefix_backend(layer)
         return None
 
     def _check_kv_cache(self, kv_cache_dtype: str) -> None:
@@ -111,6 +132,26 @@ class RotqConfig(QuantizationConfig):
                 "pass --kv-cache-dtype %s (`rotq serve` does) for the int4 cache. With a 16-bit cache "
                 "the model is the calibrated one minus KV quantization (R3 cancels in Q·Kᵀ).",
                 kv_cache_dtype, KV4_DTYPE)
+
+
+def _check_prefix_backend(layer) -> None:
+    """Only rotq's attention attends over the prefix: refuse any other backend rather than serve
+    the model without it."""
+    from rotq.serving.kv4_attention import RotqCPUAttentionBackend, RotqKV4Backend, is_kv4
+
+    backend = layer.attn_backend
+    if issubclass(backend, RotqCPUAttentionBackend):
+        return
+    if issubclass(backend, RotqKV4Backend) and is_kv4(layer.kv_cache_dtype):
+        return
+    if issubclass(backend, RotqKV4Backend):
+        raise ValueError("rotq: on GPUs this checkpoint's full-precision prefix is served with the int4 cache "
+                         f"(--kv-cache-dtype {KV4_DTYPE} --attention-backend CUSTOM); with a 16-bit cache it is "
+                         "served on CPU only so far")
+    raise ValueError(f"rotq: this checkpoint has a full-precision attention prefix, which vLLM's "
+                     f"{backend.get_name()} backend cannot attend over; serve it with rotq's attention: "
+                     f"--kv-cache-dtype {KV4_DTYPE} --attention-backend CUSTOM on GPUs (the CPU backend is "
+                     "rotq's unless ROTQ_KV4_BACKEND=0)")
 
 
 @register_weight_loader_v2_supported_method

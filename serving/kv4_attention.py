@@ -48,6 +48,7 @@ from rotq.kernels.hadamard import hadamard
 from rotq.quant.hadamard import apply_hadamard
 from rotq.quant.scheme import KVCacheArgs
 from rotq.serving.kv_cache_dtype import KV4_DTYPE
+from rotq.serving.prefix_attention import has_prefix, kv16_forward, kv16_store, layer_prefix
 
 DEFAULT_KV = KVCacheArgs(bits=4, symmetric=False, clip_ratio=1.0)
 
@@ -157,27 +158,34 @@ def kv4_forward(layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: KV4Met
         q = _r3(q, triton)
     out = output[:T].view(T, q.shape[1], q.shape[2])
     D = q.shape[-1]
+    prefix = layer_prefix(layer, kv_cache.shape[1], q.dtype, q.device, r3_applied=True)
     if not triton:
         K, V = kv4.kv4_gather_reference(kv_cache, D, meta.block_table, meta.seq_lens_host, q.dtype)
-        kv4.causal_attention(q, K, V, meta.query_starts, meta.seq_lens_host, scale, out)
+        kv4.causal_attention(q, K, V, meta.query_starts, meta.seq_lens_host, scale, out, prefix=prefix)
         return output
     nd, starts = meta.num_decodes, meta.query_starts
     if nd:
-        kv4.kv4_decode(q[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens[:nd], scale, out=out[:nd])
+        kv4.kv4_decode(q[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens[:nd], scale, out=out[:nd],
+                       prefix=prefix)
     if nd < len(meta.seq_lens_host):
         q0 = starts[nd]
         kv4.kv4_prefill(q[q0:], kv_cache, meta.block_table[nd:], meta.seq_lens[nd:], [s - q0 for s in starts[nd:]],
-                        meta.seq_lens_host[nd:], scale, out=out[q0:])
+                        meta.seq_lens_host[nd:], scale, out=out[q0:], prefix=prefix)
     return output
 
 
 # ----------------------------------------------------------------------------- CPU: override CPU_ATTN
 
+def _prefixed(vllm_config) -> bool:
+    return getattr(getattr(vllm_config, "quant_config", None), "prefix", None) is not None
+
+
 class RotqCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
-    """vLLM's CPU builder, or the int4 cache's metadata for an int4 layer group."""
+    """vLLM's CPU builder, or the int4 cache's metadata for an int4 layer group and for a
+    checkpoint with a full-precision prefix (whose 16-bit pages rotq reads itself)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        self.kv4 = is_kv4(kv_cache_spec)
+        self.kv4 = is_kv4(kv_cache_spec) or _prefixed(vllm_config)
         if self.kv4:
             AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
         else:
@@ -190,22 +198,29 @@ class RotqCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class RotqCPUAttentionImpl(CPUAttentionBackendImpl):
-    """vLLM's CPU attention, or the int4 paged cache when the layer's cache dtype is int4."""
+    """vLLM's CPU attention, or the int4 paged cache when the layer's cache dtype is int4, or a
+    16-bit cache read by rotq when the checkpoint has a full-precision prefix (prefix_attention.py)."""
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if not is_kv4(self.kv_cache_dtype):
+        kv4_cache = is_kv4(self.kv_cache_dtype)
+        if not kv4_cache and not has_prefix(layer):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         _check_kv4_call(self, output_scale, output_block_scale)
         if attn_metadata is None:  # warm-up
             return output
+        if not kv4_cache:
+            return kv16_forward(layer, query, kv_cache, attn_metadata, self.scale, self.num_kv_heads, output)
         return kv4_forward(layer, query, kv_cache, attn_metadata, self.scale, output)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if not is_kv4(self.kv_cache_dtype):
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        kv4_store(layer, key, value, kv_cache, slot_mapping)
+        if is_kv4(self.kv_cache_dtype):
+            kv4_store(layer, key, value, kv_cache, slot_mapping)
+        elif has_prefix(layer):
+            kv16_store(key, value, kv_cache, slot_mapping)
+        else:
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
 
 def _check_kv4_call(impl, output_scale, output_block_scale) -> None:
@@ -213,9 +228,8 @@ def _check_kv4_call(impl, output_scale, output_block_scale) -> None:
         raise NotImplementedError("rotq's int4 KV cache does not fuse output quantization")
     if impl.attn_type != AttentionType.DECODER or impl.sliding_window not in (None, -1) \
             or impl.alibi_slopes is not None or impl.logits_soft_cap or impl.sinks is not None:
-        raise NotImplementedError("rotq's int4 KV cache serves causal decoder attention without sliding "
-                                  "windows, ALiBi, soft-capping or sinks; serve this model without "
-                                  f"--kv-cache-dtype {KV4_DTYPE}")
+        raise NotImplementedError("rotq's attention (int4 KV cache, full-precision prefix) serves causal decoder "
+                                  "attention without sliding windows, ALiBi, soft-capping or sinks")
 
 
 class RotqCPUAttentionBackend(CPUAttentionBackend):

@@ -1,11 +1,11 @@
 """The dependency direction of rotq's packages, enforced.
 
 Primitives (public names, no calibration state, imported by everyone): rotq.quant.scheme,
-quantizer, hadamard, errors, arch and rotq.kernels.packing. Above them:
+quantizer, hadamard, errors, arch, prefix_kv and rotq.kernels.packing. Above them:
 
 * kernels/ imports only kernels/ and primitives;
 * export/ imports only export/ and primitives;
-* serving's plugin modules (what vLLM loads: config, kv4_attention, plugin, kv_cache_dtype)
+* serving's plugin modules (what vLLM loads: config, kv4_attention, prefix_attention, plugin, kv_cache_dtype)
   import only each other, kernels/, export/ (its readers) and primitives, never the offline
   engine (serving/engine.py) or lm_eval_vllm;
 * no serving module imports calibration (rotq.quant beyond the primitives: pipeline,
@@ -36,10 +36,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"rotq.quant": "quant", "rotq.kernels": "kernels", "rotq.export": "export", "rotq.serving": "serving"}
 PRIMITIVES = frozenset({"rotq.quant.scheme", "rotq.quant.quantizer", "rotq.quant.hadamard", "rotq.quant.errors",
-                        "rotq.quant.arch", "rotq.kernels.packing"})
+                        "rotq.quant.arch", "rotq.quant.prefix_kv", "rotq.kernels.packing"})
 PACKAGES = frozenset({"rotq", *FOLDERS})  # namespace and package __init__s (rotq.quant's loads its API lazily)
 PLUGIN = frozenset({"rotq.serving.config", "rotq.serving.kv4_attention", "rotq.serving.plugin",
-                    "rotq.serving.kv_cache_dtype", "rotq.serving.onednn_linear"})
+                    "rotq.serving.kv_cache_dtype", "rotq.serving.onednn_linear", "rotq.serving.prefix_attention"})
 CALLS = {"rotq.serving.plugin": "register"}  # what vLLM runs after importing the module
 
 
@@ -75,7 +75,7 @@ class Layer:
 SERVING = modules_of("rotq.serving")
 LAYERS = [
     Layer("primitives", tuple(sorted(PRIMITIVES)), lambda m: False,
-          "primitives (rotq.quant.scheme, quantizer, hadamard, errors, arch, rotq.kernels.packing) import only "
+          "primitives (rotq.quant.scheme, quantizer, hadamard, errors, arch, prefix_kv, rotq.kernels.packing) import only "
           "primitives"),
     Layer("kernels", tuple(modules_of("rotq.kernels")), _within("rotq.kernels"),
           "kernels/ imports only kernels/ and primitives"),

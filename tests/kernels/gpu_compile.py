@@ -103,19 +103,28 @@ def cases():
                    {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32",
                     "slot_ptr": "*i64", "clip": "fp32", **KV_INTS},
                    {"H": 8, "BLOCK_SIZE": 16, "D": d, "SYMMETRIC": symmetric}, kv4.EXACT_FLOAT)
-        for h_kv, group, splits in ((8, 4, 1), (8, 4, 33), (4, 7, 8), (32, 1, 1)):
-            yield (f"kv4_decode D {d} group {group} splits {splits}", kv4._kv4_decode_kernel,
+        # without a prefix, then with one of 5 tokens in bfloat16 and of 33 in float32 (full-precision
+        # prefix tiles of 16 and 64)
+        for h_kv, group, splits, prefix, p in ((8, 4, 1, "*bf16", 0), (8, 4, 33, "*bf16", 0), (4, 7, 8, "*bf16", 0),
+                                               (32, 1, 1, "*bf16", 0), (8, 4, 1, "*bf16", 5), (8, 4, 33, "*fp32", 33)):
+            yield (f"kv4_decode D {d} group {group} splits {splits}" + (f" prefix {p} {prefix}" if p else ""),
+                   kv4._kv4_decode_kernel,
                    {"q_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32",
-                    "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32", "softmax_scale": "fp32", **KV_INTS},
+                    "pk_ptr": prefix, "pv_ptr": prefix, "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
+                    "softmax_scale": "fp32", **KV_INTS},
                    {"H_KV": h_kv, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_P": 16, "D": d,
-                    "BLOCK_N": kv4._BLOCK_N, "SPLITS": splits}, {})
+                    "BLOCK_N": kv4._BLOCK_N, "SPLITS": splits, "P": p, "BLOCK_P": kv4._prefix_block(p)}, {})
         yield (f"kv4 combine D {d}", kv4._kv4_combine_kernel,
                {"part_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "stride_ot": "i32", "stride_oh": "i32"},
                {"H_Q": 32, "SPLITS": 33, "SPLITS_P": 64, "D": d}, {})
-        yield (f"kv4_gather D {d}", kv4._kv4_gather_kernel,
-               {"cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32", "start_ptr": "*i32",
-                "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_sh": "i32", **KV_INTS},
-               {"H_KV": 8, "BLOCK_SIZE": 16, "D": d, "BLOCK_N": kv4._GATHER_N}, {})
+        # prefix tiles smaller than (16) and as large as (64) the gather's
+        for prefix, p in (("*bf16", 0), ("*bf16", 5), ("*fp32", 33)):
+            yield (f"kv4_gather D {d}" + (f" prefix {p} {prefix}" if p else ""), kv4._kv4_gather_kernel,
+                   {"cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32",
+                    "start_ptr": "*i32", "pk_ptr": prefix, "pv_ptr": prefix, "k_ptr": "*bf16", "v_ptr": "*bf16",
+                    "stride_sh": "i32", **KV_INTS},
+                   {"H_KV": 8, "BLOCK_SIZE": 16, "D": d, "BLOCK_N": kv4._GATHER_N, "P": p,
+                    "BLOCK_P": kv4._prefix_block(p)}, {})
     from rotq.kernels import fused  # the quantizers fused with the op before them
     for x in ("*bf16", "*fp16", "*fp32"):
         for residual, weight in ((False, False), (True, False), (True, True)):
