@@ -35,7 +35,7 @@ def load_rotq(path: str | Path):
     check_architecture(path)
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = read_tensors(path)
     modules = dict(model.named_modules())
     for name in quantized_linear_names(model):

@@ -130,21 +130,21 @@ def _complete(base: str, model: str, prompt: str) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=300).read())
 
 
-@pytest.mark.slow
-def test_openai_server_under_load(smollm2_w4a16, tmp_path):
-    """The OpenAI server with the rotq plugin, on loopback: one completion, then 200 requests
-    (the 40 prompts five times over) 32 at a time with zero errors, each answer equal to the
-    prompt's answer sent alone (temperature 0)."""
+def _serve_under_load(checkpoint, tmp_path, extra: list[str], prompts: list[str] = LOAD_PROMPTS,
+                      may_differ: int = 0) -> str:
+    """Start `rotq serve` on loopback, send one completion, then 200 requests (the 40 prompts
+    five times over) 32 at a time: zero errors, each answer equal to the prompt's answer sent
+    alone (temperature 0), except at most ``may_differ``. Returns the server's Prometheus
+    metrics after the load."""
     from concurrent.futures import ThreadPoolExecutor
 
     port = _free_port()
     exe = shutil.which("rotq") or f"{sys.executable} -m rotq.quant.cli"
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([*exe.split(), "serve", str(smollm2_w4a16), "--host", "127.0.0.1", "--port",
-                             str(port), "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20),
-                             "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*exe.split(), "serve", str(checkpoint), "--host", "127.0.0.1", "--port",
+                             str(port), "--enforce-eager", *extra], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    base, model = f"http://127.0.0.1:{port}", str(smollm2_w4a16)
+    base, model = f"http://127.0.0.1:{port}", str(checkpoint)
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -159,10 +159,10 @@ def test_openai_server_under_load(smollm2_w4a16, tmp_path):
         assert answer["usage"]["completion_tokens"] == 8
         assert answer["choices"][0]["text"].strip()
 
-        alone = {p: _complete(base, model, p)["choices"][0]["text"] for p in LOAD_PROMPTS}
+        alone = {p: _complete(base, model, p)["choices"][0]["text"] for p in prompts}
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=32) as pool:
-            futures = [(p, pool.submit(_complete, base, model, p)) for p in LOAD_PROMPTS * 5]
+            futures = [(p, pool.submit(_complete, base, model, p)) for p in prompts * 5]
             errors, differ = [], []
             for p, f in futures:
                 try:
@@ -174,13 +174,53 @@ def test_openai_server_under_load(smollm2_w4a16, tmp_path):
                     differ.append(f"{p!r}: alone {alone[p]!r}, under load {text!r}")
         elapsed = time.monotonic() - start
         assert not errors, f"{len(errors)} of 200 requests failed: {errors[:3]}"
-        assert not differ, f"{len(differ)} of 200 answers differ from the sequential run: {differ[:3]}"
+        assert len(differ) <= may_differ, f"{len(differ)} of 200 answers differ from the sequential run: {differ[:3]}"
         assert elapsed < 600
         assert proc.poll() is None, "the server died under load"
+        return urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
+
+
+@pytest.mark.slow
+def test_openai_server_under_load(smollm2_w4a16, tmp_path):
+    _serve_under_load(smollm2_w4a16, tmp_path, ["--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20)])
+
+
+def _preemptions(metrics: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_preemptions") and not line.startswith("#"))
+
+
+@pytest.mark.slow
+def test_openai_server_under_load_with_the_int4_cache_prefix_and_preemption(tmp_path):
+    """The same load on SmolLM2 W4A4KV4 with its full-precision prefix, served from rotq's int4
+    cache, which holds 10 pages of 32 tokens while most requests grow past their first page
+    during decode (prompts of 23-32 tokens, 8 new ones): vLLM must preempt running requests and
+    recompute them, with zero errors.
+
+    Answers may differ from the ones sent alone in a few requests (measured: 6 of 200, parting
+    after 1-5 equal tokens), and this W4A4 model is why: a recomputed request runs its generated
+    tokens through prefill attention instead of decode attention, and vLLM's float32 lm_head
+    rounds differently with the batch size (both differ in the last bits), and per-token 4-bit
+    activation codes turn such last-bit differences into code flips wherever a value sits on a
+    rounding boundary. At most 10 % may differ; a broken cache or preemption path changes most
+    answers."""
+    from rotq.kernels.kv4 import row_bytes
+
+    out = tmp_path / "w4a4kv4"
+    assert main(["quantize", "smollm2-135m", "-o", str(out), "--scheme", "w4a4kv4", "--rotation", "hadamard",
+                 "--method", "rtn", "--a-clip", "0.9", "--prefix", "auto", *RTN_CALIB]) == 0
+    model, _, scheme = load_rotq(out)
+    assert scheme.prefix is not None and scheme.kv_cache is not None
+    per_token = model.config.num_hidden_layers * model.config.num_key_value_heads * row_bytes(64)
+    preamble = ("Continue each sentence with a few plain words, in the style of an encyclopedia article about "
+                "history or science: ")
+    metrics = _serve_under_load(out, tmp_path, ["--max-model-len", "64", "--block-size", "32",
+                                                "--kv-cache-memory-bytes", str(320 * per_token)],
+                                [preamble + p for p in LOAD_PROMPTS], may_differ=20)
+    assert _preemptions(metrics) > 0, "the cache was large enough for every request: no preemption tested"
