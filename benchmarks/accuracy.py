@@ -121,7 +121,7 @@ def run_row(row, a: argparse.Namespace, tmp: Path) -> dict:
             result["rotation_file"] = reuse[1]
         if rep.get("act_clip_search"):
             result["act_clip_search"] = rep["act_clip_search"]
-        if rep["provenance"].get("prefix"):
+        if rep.get("provenance", {}).get("prefix"):
             result["prefix"] = rep["provenance"]["prefix"]
         if rep.get("refine"):
             result["refine_seconds"] = sum(r["seconds"] for r in rep["refine"])
