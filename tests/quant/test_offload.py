@@ -91,8 +91,9 @@ def test_offload_writes_the_in_memory_checkpoint(tiny_model_dir, text_file, tmp_
         else:
             assert a[name] == b[name], f"{name} differs with --offload"
     layers = decoder_layers(loaded[0])
-    passes = 3 if "--prefix" in extra else 1  # the prefix's K/V and its outlier count each stream the layers once
-    assert resident == [len(layer_linears(layers[0]))] * len(layers) * passes  # one layer in memory at a time
+    # one layer in memory at a time, however often the layers stream (the prefix's statistics,
+    # its K/V and its outlier count each stream them once before calibration)
+    assert set(resident) == {len(layer_linears(layers[0]))} and len(resident) % len(layers) == 0
     assert scratch.is_dir() and not any(scratch.iterdir())  # the run's scratch folder is gone
 
 
