@@ -232,18 +232,20 @@ def _prefix(model, tokenizer, calib_ids, r: Recipe, offload):
         return None, None
     source = None if offload is None else offload.source
     started = time.perf_counter()
-    info = {"source": "given"}
+    info, left = {"source": "given"}, None
     if wanted == "auto":
         choice = choose_prefix(model, calib_ids, tokenizer, source)
         info = {"source": "auto", **choice.to_dict()}
         if not choice.token_ids:
             return None, info
-        wanted = choice.token_ids
+        wanted, left = choice.token_ids, choice.outliers_left
     prefix = compute_prefix_kv(model, wanted, source)
     info["token_ids"] = list(wanted)
     info["tokens"] = [tokenizer.decode([t]) for t in wanted]
-    if calib_ids is not None:
-        info["outliers_per_sequence_with_prefix"] = round(outliers_with_prefix(model, calib_ids, prefix, source), 3)
+    if left is None and calib_ids is not None:  # not measured by the choice already
+        left = outliers_with_prefix(model, calib_ids, prefix, source)
+    if left is not None:
+        info["outliers_per_sequence_with_prefix"] = round(left, 3)
     info["seconds"] = round(time.perf_counter() - started, 1)
     logger.info("full-precision prefix %s (%s)", info["token_ids"], info["tokens"])
     return prefix, info

@@ -55,6 +55,14 @@ class PrefixChoice:
     outlier_ids: dict[int, int] = field(default_factory=dict)  # the most frequent, with counts
     first_candidates: dict[str, list] = field(default_factory=dict)  # id: [outliers left, largest ratio]
 
+    @property
+    def outliers_left(self) -> float | None:
+        """Outliers per sequence with the chosen prefix in place, when the choice measured it
+        (a one-token prefix is one of the scored candidates); None otherwise."""
+        if len(self.token_ids) != 1:
+            return None
+        return self.first_candidates[str(self.token_ids[0])][0] / self.sequences
+
     def to_dict(self) -> dict:
         return {"token_ids": list(self.token_ids), "tokens": self.tokens, "threshold": OUTLIER_RATIO,
                 "outliers_per_sequence": round(self.outliers_per_sequence, 3), "worst_layer": self.worst_layer,
@@ -232,8 +240,8 @@ def attach_prefix_to_layer(layer: nn.Module, key: torch.Tensor, value: torch.Ten
     function reads them). Non-persistent buffers: they move with the layer and stay out of its
     state dict (the checkpoint stores them in their own file)."""
     attn = layer.self_attn
+    ref = next(attn.parameters(), None)
     for name, t in ((KEY_BUFFER, key), (VALUE_BUFFER, value)):
-        ref = next(attn.parameters(), None)
         device = t.device if ref is None or ref.device.type == "meta" else ref.device
         attn.register_buffer(name, t.detach().to(device).unsqueeze(0), persistent=False)
 

@@ -185,14 +185,14 @@ class RotqCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     checkpoint with a full-precision prefix (whose 16-bit pages rotq reads itself)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        self.kv4 = is_kv4(kv_cache_spec) or _prefixed(vllm_config)
-        if self.kv4:
+        self.rotq_pages = is_kv4(kv_cache_spec) or _prefixed(vllm_config)
+        if self.rotq_pages:
             AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
         else:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        if self.kv4:
+        if self.rotq_pages:
             return build_kv4_metadata(common_attn_metadata)
         return super().build(common_prefix_len, common_attn_metadata, fast_build)
 
