@@ -4,6 +4,7 @@ integer codes and scales: the part the rotq and compressed-tensors formats share
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import struct
@@ -14,7 +15,7 @@ import torch
 
 from rotq.export.atomic import atomic_directory
 from rotq.kernels.packing import pack_factor, pack_int32
-from rotq.quant.arch import decoder_layers, layer_linears
+from rotq.quant.arch import checkpoint_name, decoder_layers, layer_linears
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight
 from rotq.quant.scheme import Scheme
@@ -44,8 +45,9 @@ def linear_tensors(prefix: str, qw: QuantizedWeight, bits: int, symmetric: bool)
 
 def packed_tensors(model, weights: Mapping[str, QuantizedWeight], scheme: Scheme,
                    extra=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors with every quantized linear's weight replaced by its packed tensors
-    (plus ``extra(name, qw)``'s tensors per linear), on CPU, tied lm_head dropped: first the
+    """The model's tensors, named as the architecture's checkpoints name them (arch.checkpoint_name),
+    with every quantized linear's weight replaced by its packed tensors (plus ``extra(name, qw)``'s
+    tensors per linear, ``name`` as stored), on CPU, tied lm_head dropped: first the
     unquantized ones, then the linears layer by layer, each packed only when reached (so a
     model whose weights live on disk, offload.py, is written one layer at a time)."""
     names = quantized_linear_names(model)
@@ -54,14 +56,15 @@ def packed_tensors(model, weights: Mapping[str, QuantizedWeight], scheme: Scheme
         raise RotqError(f"no quantized weights for {missing[0]} (and {len(missing) - 1} more)")
     quantized = {f"{name}.weight" for name in names}
     tied = getattr(model.config, "tie_word_embeddings", False)
+    stored = functools.partial(checkpoint_name, model.config)  # a MoE family's names on disk
     for key, value in model.state_dict().items():
         if key not in quantized and not (tied and key == "lm_head.weight"):
-            yield key, value.detach().cpu().contiguous()
+            yield stored(key), value.detach().cpu().contiguous()
     for name in names:
         qw = weights[name]
-        tensors = linear_tensors(name, qw, scheme.weights.bits, scheme.weights.symmetric)
+        tensors = linear_tensors(stored(name), qw, scheme.weights.bits, scheme.weights.symmetric)
         if extra is not None:
-            tensors.update(extra(name, qw))
+            tensors.update(extra(stored(name), qw))
         yield from tensors.items()
 
 

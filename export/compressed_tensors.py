@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from rotq.export.checkpoint import packed_tensors, write_checkpoint
+from rotq.quant.arch import moe_family
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
 from rotq.quant.quantizer import QuantizedWeight
@@ -30,9 +31,14 @@ from rotq.quant.scheme import Scheme
 R4_SCHEME = "R4"
 
 
-def check_exportable(scheme: Scheme) -> None:
-    """Fail before calibration when the scheme has no compressed-tensors form."""
+def check_exportable(scheme: Scheme, config=None) -> None:
+    """Fail before calibration when the scheme has no compressed-tensors form (for the model
+    of ``config``, when given)."""
     w, a = scheme.weights, scheme.activations
+    if config is not None and moe_family(config) is not None and (a is not None or scheme.rotation.r4):
+        raise RotqError("compressed-tensors export of a mixture of experts covers weight-only schemes without the "
+                        "online R4 (vLLM's compressed-tensors MoE methods quantize no activations and apply no "
+                        "transform to experts); use --format rotq, or a w4a16 scheme with --rotation none")
     if w.bits not in (4, 8) or not w.symmetric:
         raise RotqError(f"compressed-tensors export needs symmetric 4- or 8-bit weights, the scheme has "
                         f"{w.bits}-bit {'symmetric' if w.symmetric else 'asymmetric'}; use --format rotq")
@@ -74,7 +80,7 @@ def save_compressed_tensors(model, weights: dict[str, QuantizedWeight], tokenize
                             out, max_shard_size: str = "5GB", files: dict[str, str] | None = None) -> None:
     """Write the calibrated model as a compressed-tensors checkpoint, atomically; ``files``:
     further text files by name (the model card)."""
-    check_exportable(scheme)
+    check_exportable(scheme, model.config)
     r4 = hadamard_matrix(model.config.intermediate_size, torch.float32) if scheme.rotation.r4 else None
 
     def extra(name, qw):

@@ -86,7 +86,8 @@ def quantize(model: str | Path, output: str | Path, recipe: Recipe | Mapping | s
 def _calibrate_and_write(spec: str, out: Path, r: Recipe, scheme, ranks, device: str, scratch: Path | None,
                          resume: bool, state_dir: Path, report_path) -> None:
     from rotq.quant.act_clip import ClipSearchOptions
-    from rotq.quant.arch import decoder_layers, release_linears
+    from rotq.export.compressed_tensors import check_exportable
+    from rotq.quant.arch import decoder_layers, release_linears, router_names
     from rotq.quant.data import calibration_batches, load_text, tokenize_text
     from rotq.quant.evaluation import check_seqlen
     from rotq.quant.models import resolve_model_dir
@@ -97,8 +98,11 @@ def _calibrate_and_write(spec: str, out: Path, r: Recipe, scheme, ranks, device:
     text = load_text(r.calib, "train") if r.needs_data else None
     model_dir = resolve_model_dir(spec)
     model, tokenizer, offload = _load(model_dir, scratch)
+    scheme = scheme.replace(ignore=(*scheme.ignore, *router_names(model)))  # a MoE's routers stay 16-bit
     check_group_size_fits(model, scheme)
     check_rotation_sizes(model.config, scheme)
+    if r.format == "compressed-tensors":
+        check_exportable(scheme, model.config)
     check_seqlen(model.config, r.seqlen)
     calib_ids = None
     if text is not None:
@@ -112,7 +116,7 @@ def _calibrate_and_write(spec: str, out: Path, r: Recipe, scheme, ranks, device:
     cfg = CalibrationConfig(method=r.plan, act_quant_calibration=r.calib_act_quant, batch_size=r.batch_size,
                             device=device, trajectory_dir=r.trajectory_dir,
                             act_clip_search=ClipSearchOptions() if r.fits_activation_clip else None,
-                            refine=r.refine_options(), options=r.method_options())
+                            refine=r.refine_options(), options=r.method_options(), moe_all_tokens=r.moe_all_tokens)
     result = calibrate(model, scheme, calib_ids, cfg, rotations=rotations, state=state, ranks=ranks,
                        offload=offload, prefix=prefix)
     scheme = result.scheme
@@ -177,7 +181,8 @@ def check_group_size_fits(model, scheme) -> None:
     G = scheme.weights.group_size
     if G is None:
         return
-    bad = sorted({lin.in_features for lin in layer_linears(decoder_layers(model)[0]).values() if lin.in_features % G})
+    sizes = {lin.in_features for layer in decoder_layers(model) for lin in layer_linears(layer).values()}
+    bad = sorted(k for k in sizes if k % G)
     if bad:
         raise RotqError(f"weight group size {G} does not divide input size(s) {bad} of this model; use a group "
                         "size that divides them (e.g. 64 or 32) or 0 for per-channel")
@@ -197,6 +202,8 @@ def check_rotation_sizes(config, scheme) -> None:
         sizes["head dimension (R2/R3)"] = head_dim
     if rot.r4:
         sizes["intermediate size (R4)"] = config.intermediate_size
+        if getattr(config, "moe_intermediate_size", None):  # Qwen3-MoE's experts (Mixtral's: intermediate_size)
+            sizes["expert intermediate size (R4)"] = config.moe_intermediate_size
     bad = {name: n for name, n in sizes.items() if split_size(n) is None}
     if bad:
         listed = ", ".join(f"{name} {n}" for name, n in bad.items())

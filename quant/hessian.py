@@ -40,13 +40,17 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def group_statistics(inputs: Iterable[torch.Tensor], n_sequences: int,
                      fp_inputs: Iterable[torch.Tensor] | None = None,
-                     ranks: Ranks = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     ranks: Ranks = SINGLE, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """H (and D when ``fp_inputs`` is given) from one linear group's transformed inputs x̃,
     batch by batch [tokens, K] (staged.StagedLayer.group_inputs), and the full-precision
     model's inputs x to the same linears for the same tokens; ``n_sequences``: this rank's
-    number of calibration sequences. Summed over ``ranks``."""
-    H = D = None
+    number of calibration sequences. Summed over ``ranks``. ``size``: K, for inputs that may be
+    empty on this rank (a MoE expert no token reached): its sums are then zero."""
     fp_iter = iter(fp_inputs) if fp_inputs is not None else None
+    H = D = None
+    if size is not None:
+        H = torch.zeros(size, size, dtype=torch.float64)
+        D = None if fp_iter is None else torch.zeros(size, size, dtype=torch.float64)
     for xq in inputs:
         xq = xq.float()
         if H is None:

@@ -57,6 +57,9 @@ class SolverPlan:
         return any(NEEDS_FP_TRAJECTORY[m] for m in self.name.split("+"))
 
 
+RTN = SolverPlan(False, "rtn")  # what a linear without calibration inputs falls back to
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Hyperparameters of every method; a plan reads the ones of its parts."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rotq.quant.arch import checkpoint_name, unfold_experts
 from rotq.quant.errors import RotqError
 
 if TYPE_CHECKING:
@@ -31,14 +32,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# SmolLM2 is a LlamaForCausalLM.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+# SmolLM2 is a LlamaForCausalLM; the last two are mixtures of experts (arch.MOE_FAMILIES).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                           "Qwen3MoeForCausalLM", "MixtralForCausalLM")
 # For configs that name no architecture.
 _MODEL_TYPE_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 # Files a causal LM needs; skips duplicate .bin/.gguf/onnx weights when downloading from the hub.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -128,7 +132,8 @@ def check_architecture(model_dir: Path) -> dict:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the model (eval mode, SDPA attention) and its tokenizer, after the cheap checks."""
+    """Load the model (eval mode, SDPA attention; a MoE's experts unfolded into linears) and its
+    tokenizer, after the cheap checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safetensors import SafetensorError
@@ -145,6 +150,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
                         "copy or download it again") from exc
     model.eval()
     check_finite(model, model_dir)
+    unfold_experts(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
 
@@ -161,7 +167,9 @@ def check_shapes(model_dir: Path) -> None:
         return
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        model = AutoModelForCausalLM.from_config(config)
+    unfold_experts(model)
+    expected = {checkpoint_name(config, k): tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = []
     for path in files:
         try:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rotq.quant.arch import decoder_layers, layer_linears, release_linears
+from rotq.quant.arch import checkpoint_name, decoder_layers, layer_linears, release_linears, unfold_experts
 from rotq.quant.errors import RotqError
 from rotq.quant.quantizer import QuantizedWeight, compact_codes
 
@@ -57,10 +57,11 @@ class LayerSource:
                             f"({int((~torch.isfinite(t)).sum())}); the checkpoint is corrupt")
         return t
 
-    def load(self, i: int, layer: nn.Module) -> None:
+    def load(self, i: int, layer: nn.Module, config) -> None:
         """Materialize layer i's linear weights (as read from disk: fuse and rotate afterwards)."""
         for name, lin in layer_linears(layer).items():
-            lin.weight = nn.Parameter(self.read(f"model.layers.{i}.{name}.weight"), requires_grad=False)
+            key = checkpoint_name(config, f"model.layers.{i}.{name}.weight")
+            lin.weight = nn.Parameter(self.read(key), requires_grad=False)
 
     @staticmethod
     def release(layer: nn.Module) -> None:
@@ -81,6 +82,7 @@ def load_model_offloaded(model_dir: Path, dtype: torch.dtype = torch.float32):
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    unfold_experts(model)
     source = LayerSource(model_dir, dtype)
     lazy = _layer_linear_names(model)
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in source.files
@@ -88,7 +90,8 @@ def load_model_offloaded(model_dir: Path, dtype: torch.dtype = torch.float32):
         if name in lazy or (tied and name == "lm_head.weight"):
             continue
         module, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module), attr, nn.Parameter(source.read(name), requires_grad=False))
+        value = source.read(checkpoint_name(config, name))
+        setattr(model.get_submodule(module), attr, nn.Parameter(value, requires_grad=False))
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     rotary = model.model.rotary_emb  # its buffers are computed, not stored: build it on the CPU

@@ -103,7 +103,7 @@ def install_layer_ops(layer: nn.Module, scheme: Scheme, ste: bool = False) -> No
     take effect under the "rotq" attention implementation)."""
     remove_layer_ops(layer)
     for name, lin in layer_linears(layer).items():
-        had = lin.in_features if name == "mlp.down_proj" and scheme.rotation.r4 else None
+        had = lin.in_features if name.endswith("down_proj") and scheme.rotation.r4 else None  # experts' too
         if scheme.activations is not None or had:
             lin.register_forward_pre_hook(InputTransform(scheme.activations, had, ste))
     layer.self_attn.rotq_r3, layer.self_attn.rotq_kv = scheme.rotation.r3, scheme.kv_cache

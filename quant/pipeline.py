@@ -34,11 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rotq.quant.act_clip import ClipSearchOptions, search_activation_clip, with_activation_clip
-from rotq.quant.arch import LINEAR_GROUPS, decoder_layers, layer_linears
+from rotq.quant.arch import decoder_layers, layer_linears
 from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.heap import release_freed_heap
 from rotq.quant.hessian import group_statistics
-from rotq.quant.methods import MethodOptions, SolverPlan, parse_method, solve_plan
+from rotq.quant.methods import RTN, MethodOptions, SolverPlan, parse_method, solve_plan
 from rotq.quant.online import install_layer_ops, install_online_ops
 from rotq.quant.prefix import attach_prefix
 from rotq.quant.prefix_kv import PrefixKV
@@ -77,6 +77,9 @@ class CalibrationConfig:
     act_clip_search: ClipSearchOptions | None = None
     # Learned weight refinement of each layer before its linears are solved (refine.py).
     refine: RefineOptions = field(default_factory=RefineOptions)
+    # Mixtures of experts: every token in every expert's statistics (staged.py), not only the
+    # tokens routed to it; the forward routes truly either way.
+    moe_all_tokens: bool = False
 
     def __post_init__(self):
         if isinstance(self.method, str):  # parsed once, here
@@ -93,6 +96,16 @@ class LinearReport:
 
 
 @dataclass
+class ExpertTokens:
+    """A mixture-of-experts layer's calibration tokens per expert (routed token slots, over
+    every rank), and the experts no token reached, which were rounded without data (RTN)."""
+
+    layer: int
+    tokens: list[int]
+    rounded_without_data: list[int]
+
+
+@dataclass
 class CalibrationReport:
     method: str
     nsamples: int
@@ -102,6 +115,7 @@ class CalibrationReport:
     linears: list[LinearReport] = field(default_factory=list)
     act_clip_search: dict | None = None  # ClipSearchResult.to_dict() when the ratio was fitted
     refine: list[RefineReport] = field(default_factory=list)  # one per decoder layer, with --refine
+    experts: list[ExpertTokens] = field(default_factory=list)  # one per mixture-of-experts layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +159,7 @@ class _LayerStream:
     def enter(self, i: int, layer: nn.Module) -> None:
         if self.offload is None:
             return
-        self.offload.source.load(i, layer)
+        self.offload.source.load(i, layer, self.config)
         if self.rotation.kind != "none":
             fuse_layer_norms(layer)
             rotate_layer(layer, i, self.config, self.rotation, self.matrices)
@@ -309,19 +323,35 @@ def _calibrate_sequential(result: QuantizedModel, calib_ids, cfg, plan, checkpoi
             del ahead
             if not fp_trajectory:  # only the refinement needed it: free it before the solves
                 fp_layer = None
-        staged = StagedLayer(layer, inps, forward, cfg.batch_size)
+        staged = StagedLayer(layer, inps, forward, cfg.batch_size, all_tokens=cfg.moe_all_tokens)
         fp_staged = None
         if fp_trajectory:  # its kept attention output lives where the trajectory does
             allocate = None
             if cfg.trajectory_dir is not None:
                 allocate = functools.partial(disk_buffer, dtype=fp_inps.dtype, directory=cfg.trajectory_dir)
-            fp_staged = StagedLayer(fp_layer, fp_inps, forward, cfg.batch_size, allocate)
-        for g, group in enumerate(LINEAR_GROUPS):
+            fp_staged = StagedLayer(fp_layer, fp_inps, forward, cfg.batch_size, allocate, routing=staged,
+                                    all_tokens=cfg.moe_all_tokens)
+        without_data = []
+        for g, group in enumerate(staged.groups):
             H = D = None
             if plan.needs_data:
+                size = layer.get_submodule(group[0]).in_features if staged.moe else None
                 H, D = group_statistics(staged.group_inputs(g), inps.shape[0],
-                                        fp_staged.group_inputs(g) if fp_staged else None, ranks)
+                                        fp_staged.group_inputs(g) if fp_staged else None, ranks, size)
+                tokens = staged.statistics_tokens(g)
+                if tokens is not None and ranks.sum(tokens)[0] == 0:  # an expert no token reached
+                    H = D = None
+                    without_data.append(group)
+                if staged.moe and g >= 2:
+                    bar.set_postfix(expert=f"{(g - 2) // 2 + 1}/{(len(staged.groups) - 2) // 2}")
             _solve_group(i, group, layer, H, D, cfg, result, ranks)
+        if staged.moe and staged.routed is not None:
+            tokens = [int(t) for t in ranks.sum(*[len(t) for t in staged.routed])]
+            rounded = sorted({(g - 2) // 2 for g, group in enumerate(staged.groups) if group in without_data})
+            report.experts.append(ExpertTokens(i, tokens, rounded))
+            if rounded:
+                logger.warning("layer %d: no calibration token reached expert(s) %s; rounded without data (RTN)%s",
+                               i, rounded, "" if cfg.moe_all_tokens else "; --moe-all-tokens gives them statistics")
         staged.propagate()
         if fp_staged:
             fp_staged.propagate()
@@ -377,7 +407,8 @@ def _solve_linear(name, lin: nn.Linear, H, D, cfg, scheme: Scheme) -> _Solved:
     W = lin.weight.data.float()
     to_w = lambda S: None if S is None else S.to(W.device, torch.float32)  # noqa: E731
     Hs = to_w(H)
-    result = solve_plan(cfg.method, W, Hs, to_w(D), scheme.weights, cfg.options, name)
+    plan = cfg.method if Hs is not None or not cfg.method.needs_data else RTN  # a MoE expert without tokens
+    result = solve_plan(plan, W, Hs, to_w(D), scheme.weights, cfg.options, name)
     q = result.quantized  # codes kept in one byte each until export: a quarter of float32's memory
     weight = QuantizedWeight(compact_codes(q.codes.cpu()), q.scale.cpu(),
                              None if q.zero_point is None else q.zero_point.cpu(), q.group_size)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rotq.quant.arch import decoder_layers
+from rotq.quant.arch import decoder_layers, is_moe_layer
 from rotq.quant.errors import RotqError
 from rotq.quant.prefix_kv import KEY_BUFFER, VALUE_BUFFER, PrefixKV
 
@@ -39,7 +39,10 @@ OUTLIER_RATIO = 64.0  # a token is an outlier where max|x| > this x the median t
 STAT_SEQUENCES, STAT_TOKENS = 8, 512  # the statistics' share of the calibration data
 FIRST_CANDIDATES = 4  # frequent outlier ids tried as the first prefix token, beside BOS and EOS
 MAX_PREFIX = 16  # longest automatic prefix
-_SITES = ("self_attn.q_proj", "mlp.down_proj")  # the attention input and the down_proj input
+# The attention input and the down_proj input; a mixture of experts' down_projs each see only
+# their tokens, so there the sparse block's output (their weighted sum) stands in for them.
+_SITES = ("self_attn.q_proj", "mlp.down_proj")
+_MOE_SITES = ("self_attn.q_proj", "mlp")
 
 
 @dataclass
@@ -101,7 +104,7 @@ class _Layers:
                        position_embeddings=self.model.model.rotary_emb(h, position_ids))
         for i, layer in enumerate(decoder_layers(self.model)):
             if self.source is not None:
-                self.source.load(i, layer)
+                self.source.load(i, layer, self.model.config)
             try:
                 h = visit(i, layer, h, forward)
             finally:
@@ -151,10 +154,14 @@ def _token_maxima(model, ids: torch.Tensor, prefix: PrefixKV | None, source) -> 
 
     def visit(i, layer, h, forward):
         hooks = []
-        for site in _SITES:
-            def hook(module, inputs, site=site):
-                maxima[(i, site)] = inputs[0].detach().abs().amax(-1).reshape(n, L).float()
-            hooks.append(layer.get_submodule(site).register_forward_pre_hook(hook))
+        for site in _MOE_SITES if is_moe_layer(layer) else _SITES:
+            def record(x, site=site):
+                maxima[(i, site)] = x.detach().abs().amax(-1).reshape(n, L).float()
+            module = layer.get_submodule(site)
+            if site == "mlp":
+                hooks.append(module.register_forward_hook(lambda m, inputs, out, record=record: record(out)))
+            else:
+                hooks.append(module.register_forward_pre_hook(lambda m, inputs, record=record: record(inputs[0])))
         try:
             if prefix is not None:
                 attach_prefix_to_layer(layer, prefix.keys[i], prefix.values[i])

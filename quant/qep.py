@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-# The reference code leaves the MLP's down projection uncorrected (architecture-specific).
-DEFAULT_SKIP = ("mlp.down_proj",)
+# The reference code leaves the MLP's down projection uncorrected (architecture-specific);
+# in a mixture of experts, every expert's.
+DEFAULT_SKIP = ("down_proj",)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,9 @@ class Recipe:
     percdamp: float = _opt(GPTQOptions.percdamp, "GPTQ damping, a fraction of mean(diag H)", "method")
     block_size: int = _opt(GPTQOptions.block_size, "GPTQ lazy-update block", "method")
     calib_act_quant: bool = _opt(True, "quantize activations and KV while collecting H", "method")
+    moe_all_tokens: bool = _opt(False, "mixtures of experts: every calibration token in every expert's statistics "
+                                "(the forward keeps the router's choice); off: each expert sees its routed tokens, "
+                                "and one no token reaches is rounded (RTN)", "method")
 
     calib: str = _opt("wikisum", "wikisum (train split) | wikitext2 | PATH of a UTF-8 text file",
                       "calibration data")

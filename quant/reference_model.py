@@ -16,6 +16,7 @@ from rotq.export.prefix_file import load_prefix
 from rotq.export.rotq_format import read_scheme, read_tensors
 from rotq.kernels.linear import dequantize_packed
 from rotq.kernels.packing import pack_factor
+from rotq.quant.arch import checkpoint_name, unfold_experts
 from rotq.quant.errors import RotqError
 from rotq.quant.models import check_architecture
 from rotq.quant.online import install_online_ops
@@ -36,7 +37,8 @@ def load_rotq(path: str | Path):
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = read_tensors(path)
+    unfold_experts(model)
+    tensors = _in_memory_names(config, model, read_tensors(path))
     modules = dict(model.named_modules())
     for name in quantized_linear_names(model):
         lin = modules[name]
@@ -64,6 +66,17 @@ def load_rotq(path: str | Path):
     install_online_ops(model, scheme)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, scheme
+
+
+def _in_memory_names(config, model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors renamed from its names (a MoE family's, arch.checkpoint_name) to
+    the model's module names, which the rest of rotq uses."""
+    modules = {checkpoint_name(config, name): name for name, _ in model.named_modules()}
+    renamed = {}
+    for key, t in tensors.items():
+        module, _, suffix = key.rpartition(".")
+        renamed[f"{modules[module]}.{suffix}" if module in modules else key] = t
+    return renamed
 
 
 def dequantize_linear(prefix: str, tensors: dict[str, torch.Tensor], scheme: Scheme,

@@ -1,6 +1,7 @@
 """Computational invariance: fuse RMSNorm weights into the following linears and fold the
 offline rotations R1 (residual stream) and R2 (per head, V -> O), plus the weight side of the
-online R4 (before down_proj). QuaRot, Ashkboos et al., NeurIPS 2024 (https://arxiv.org/abs/2404.00456);
+online R4 (before down_proj; before every expert's down_proj in a mixture of experts, whose
+16-bit router is rotated like gate/up). QuaRot, Ashkboos et al., NeurIPS 2024 (https://arxiv.org/abs/2404.00456);
 docs/algorithms.md#rotations. Row-vector convention: y = x W^T, so an input rotated by M needs
 W <- W M and an output rotated by M needs W <- M^T W, b <- b M. All math runs in float64.
 R1 and R2 are random Hadamards (kind "hadamard") or given orthogonal matrices (kind "spinquant",
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from rotq.export.rotations_file import RotationMatrices
-from rotq.quant.arch import attention_shape, decoder_layers
+from rotq.quant.arch import attention_shape, decoder_layers, mlp_input_linears, mlp_output_linears
 from rotq.quant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard_matrix
 from rotq.quant.scheme import RotationArgs
 
@@ -96,9 +97,9 @@ def fuse_norms(model: nn.Module, layers: bool = True) -> None:
 
 @torch.no_grad()
 def fuse_layer_norms(layer: nn.Module) -> None:
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
     _fuse(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
-    _fuse(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+    _fuse(layer.post_attention_layernorm, mlp_input_linears(layer))  # a MoE's router too
 
 
 def _fuse(norm: nn.Module, linears) -> None:
@@ -137,12 +138,12 @@ def apply_rotations(model: nn.Module, rot: RotationArgs, matrices: RotationMatri
 @torch.no_grad()
 def rotate_layer(layer: nn.Module, i: int, config, rot: RotationArgs, matrices: RotationMatrices | None) -> None:
     """Fold R1, layer i's R2 and R4's weight side into decoder layer i (norms already fused)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if rot.r1:
+    attn = layer.self_attn
+    if rot.r1:  # a MoE's router reads the rotated residual too: it gets W R1 like gate/up
         R1 = _R1(matrices.R1)
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, *mlp_input_linears(layer)):
             _fold_rows(lin.weight, R1.right)
-        for lin in (attn.o_proj, mlp.down_proj):
+        for lin in (attn.o_proj, *mlp_output_linears(layer)):
             _rotate_output(lin, R1.left_t, R1.right)
     if rot.r2:
         shape = attention_shape(config)
@@ -151,8 +152,9 @@ def rotate_layer(layer: nn.Module, i: int, config, rot: RotationArgs, matrices: 
         _rotate_output(attn.v_proj, lambda x: V.T @ x, lambda x: x @ V)
         O = torch.block_diag(*[R2] * shape.num_heads)
         _fold_rows(attn.o_proj.weight, lambda x: x @ O)
-    if rot.r4:  # W H4 / sqrt(n), by the same fast transform the online side uses
-        _fold_rows(mlp.down_proj.weight, apply_hadamard)
+    if rot.r4:  # W H4 / sqrt(n), by the same fast transform the online side uses (per expert)
+        for lin in mlp_output_linears(layer):
+            _fold_rows(lin.weight, apply_hadamard)
 
 
 def _rotate_output(lin: nn.Linear, left_t, right) -> None:

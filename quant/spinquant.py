@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from rotq.export.rotations_file import RotationMatrices, orthogonality_error
-from rotq.quant.arch import attention_shape, decoder_layers
+from rotq.quant.arch import attention_shape, decoder_layers, mlp_input_names, mlp_output_names
 from rotq.quant.distributed import SINGLE, Ranks
 from rotq.quant.errors import RotqError
 from rotq.quant.hadamard import hadamard_matrix
@@ -56,7 +56,11 @@ from rotq.quant.scheme import Scheme
 
 logger = logging.getLogger(__name__)
 
-_ROTATED_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")
+
+
+def _rotated_input(layer: nn.Module) -> tuple[str, ...]:
+    """The linears whose input is the residual stream (W R1), v_proj aside (it also gets R2)."""
+    return ("self_attn.q_proj", "self_attn.k_proj", *mlp_input_names(layer))
 
 
 @dataclass(frozen=True)
@@ -208,25 +212,27 @@ def _step_batch(calib_ids: torch.Tensor, t: int, n: int) -> torch.Tensor:
     return calib_ids[idx]
 
 
-def _base_weights(model: nn.Module, r4: bool) -> list[dict[str, torch.Tensor]]:
-    """Per layer, the norm-fused weights (and the biases R1/R2 touch) that get rotated, by name
-    inside the layer; down_proj already carries the fixed R4 Hadamard (W H)."""
+def _base_weights(model: nn.Module, r4: bool) -> list[tuple]:
+    """Per layer: the names rotated on their input side, the down projections, and the norm-fused
+    weights (and the biases R1/R2 touch) that get rotated, by name inside the layer; down_proj
+    already carries the fixed R4 Hadamard (W H)."""
     base = []
     for layer in decoder_layers(model):
         w = {}
-        for name in (*_ROTATED_INPUT, "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
+        rotated_input, down = _rotated_input(layer), mlp_output_names(layer)
+        for name in (*rotated_input, "self_attn.v_proj", "self_attn.o_proj", *down):
             lin = layer.get_submodule(name)
             w[f"{name}.weight"] = lin.weight.detach()
-            if lin.bias is not None and name not in _ROTATED_INPUT:  # input-side rotations keep b
+            if getattr(lin, "bias", None) is not None and name not in rotated_input:  # input-side rotations keep b
                 w[f"{name}.bias"] = lin.bias.detach()
         value = getattr(layer.self_attn, VALUE_BUFFER, None)
         if value is not None:  # the prefix's V [1, H_kv, P, D]: rotated by R2 like v_proj's output
             w[f"self_attn.{VALUE_BUFFER}"] = value
-        if r4:
-            W, n = w["mlp.down_proj.weight"], layer.mlp.down_proj.in_features
+        for name in down if r4 else ():
+            W, n = w[f"{name}.weight"], layer.get_submodule(name).in_features
             H = hadamard_matrix(n).to(W.device) / n**0.5
-            w["mlp.down_proj.weight"] = (W.double() @ H).to(W.dtype)
-        base.append(w)
+            w[f"{name}.weight"] = (W.double() @ H).to(W.dtype)
+        base.append((rotated_input, down, w))
     return base
 
 
@@ -235,20 +241,21 @@ def _rotated_weights(model, base, R1f: torch.Tensor, R2f: list[torch.Tensor]) ->
     shape = attention_shape(model.config)
     d, D = R1f.shape[0], shape.head_dim
     out = []
-    for b, R2 in zip(base, R2f):
-        w = {f"{name}.weight": b[f"{name}.weight"] @ R1f for name in _ROTATED_INPUT}
+    for (rotated_input, down, b), R2 in zip(base, R2f):
+        w = {f"{name}.weight": b[f"{name}.weight"] @ R1f for name in rotated_input}
         Wv = b["self_attn.v_proj.weight"] @ R1f  # [kv*D, d]: rows per KV head get R2^T
         w["self_attn.v_proj.weight"] = (R2.T @ Wv.view(shape.num_kv_heads, D, d)).reshape(-1, d)
         Wo = R1f.T @ b["self_attn.o_proj.weight"]  # [d, heads*D]: columns per head get R2
         w["self_attn.o_proj.weight"] = (Wo.view(d, shape.num_heads, D) @ R2).reshape(d, -1)
-        w["mlp.down_proj.weight"] = R1f.T @ b["mlp.down_proj.weight"]
+        for name in down:
+            w[f"{name}.weight"] = R1f.T @ b[f"{name}.weight"]
         if f"self_attn.{VALUE_BUFFER}" in b:
             w[f"self_attn.{VALUE_BUFFER}"] = b[f"self_attn.{VALUE_BUFFER}"] @ R2
         if "self_attn.v_proj.bias" in b:
             w["self_attn.v_proj.bias"] = (b["self_attn.v_proj.bias"].view(-1, D) @ R2).reshape(-1)
-        for name in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
-            if name in b:
-                w[name] = b[name] @ R1f
+        for name in ("self_attn.o_proj", *down):
+            if f"{name}.bias" in b:
+                w[f"{name}.bias"] = b[f"{name}.bias"] @ R1f
         out.append(w)
     return out
 
@@ -273,7 +280,11 @@ def _loss_and_grads(model, base, R1, R2, ids, use_checkpoint: bool, ranks: Ranks
             for s in mine:
                 loss = _sequence_loss(model, leaves[0], leaf_weights, ids[s:s + 1], use_checkpoint) / n
                 loss.backward()
-                grads = torch.autograd.grad(outs, Rs, [leaf.grad for leaf in leaves], retain_graph=s != mine[-1])
+                # a MoE expert no token of this sequence reached has no gradient: leave it out
+                reached = [(out, leaf.grad) for out, leaf in zip(outs, leaves) if leaf.grad is not None]
+                grads = torch.autograd.grad([o for o, _ in reached], Rs, [g for _, g in reached],
+                                            retain_graph=s != mine[-1], allow_unused=True)
+                grads = [torch.zeros_like(R) if G is None else G for R, G in zip(Rs, grads)]
                 shares[s] = float(loss.detach()), [G.detach().to("cpu", torch.float64) for G in grads]
                 for leaf in leaves:
                     leaf.grad = None

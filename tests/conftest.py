@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+TINY_MOE_ARCHS = ("qwen3_moe", "mixtral")  # mixtures of experts: 8 experts, 2 per token
 TINY_VOCAB = 512
 # Power-of-two sizes (head_dim 64) and non-power-of-two ones (hidden 36*4, heads 9 and 3, intermediate 12*32).
 _SIZES = {
@@ -40,7 +41,7 @@ _CORPUS = [
 
 def _config(arch: str, nonpow2: bool):
     """Tiny config; llama ties embeddings like SmolLM2, the others keep a separate lm_head."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=TINY_VOCAB, num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -54,7 +55,18 @@ def _config(arch: str, nonpow2: bool):
         return Qwen3Config(**common, tie_word_embeddings=False, use_sliding_window=False)
     if arch == "mistral":
         return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
+    # MoE: each expert's intermediate is the dense one / 4 (non-powers of two: 96 = 3 x 32); Qwen3-MoE's
+    # second layer is dense (mlp_only_layers), as some Qwen3-MoE checkpoints have
+    expert = _SIZES[nonpow2]["intermediate_size"] // 4
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**common, tie_word_embeddings=False, use_sliding_window=False, num_experts=8,
+                              num_experts_per_tok=2, moe_intermediate_size=expert, norm_topk_prob=True,
+                              mlp_only_layers=[1])
+    if arch == "mixtral":
+        common["intermediate_size"] = expert
+        return MixtralConfig(**common, tie_word_embeddings=False, sliding_window=None, num_local_experts=8,
+                             num_experts_per_tok=2)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS + TINY_MOE_ARCHS}")
 
 
 def _tokenizer():
@@ -86,7 +98,9 @@ def build_tiny_model(arch: str, out_dir: Path, nonpow2: bool = False) -> Path:
     model = AutoModelForCausalLM.from_config(_config(arch, nonpow2), dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                param.normal_(0.0, 0.02)  # transformers leaves fused expert weights uninitialised
+            elif name.endswith("norm.weight"):
                 param.add_(0.2 * torch.randn_like(param))
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.05)
@@ -97,7 +111,8 @@ def build_tiny_model(arch: str, out_dir: Path, nonpow2: bool = False) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """make(arch, nonpow2=False) -> Path of a saved tiny model (arch in TINY_ARCHS), built once per session."""
+    """make(arch, nonpow2=False) -> Path of a saved tiny model (arch in TINY_ARCHS or TINY_MOE_ARCHS),
+    built once per session."""
     built: dict[tuple[str, bool], Path] = {}
 
     def make(arch: str, nonpow2: bool = False) -> Path:

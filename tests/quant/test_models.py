@@ -15,7 +15,7 @@ from rotq.quant.errors import RotqError
 from rotq.quant.models import SUPPORTED_ARCHITECTURES, check_architecture, load_model, resolve_model_dir
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("nonpow2", [False, True])
 def test_tiny_models_load_and_run(tiny_model_dir, arch, nonpow2):
     model, tokenizer = load_model(str(tiny_model_dir(arch, nonpow2)))

@@ -52,9 +52,11 @@ def test_layer0_hessian_and_gptq_gain(tiny_model_dir):
     assert err(Q) < 0.8 * err(rtn)
 
 
-def test_sixteen_bit_weights_leave_the_rotated_model_unchanged(tiny_model_dir):
-    """With 16-bit weights and no activation/KV quantizers, calibration is only rotation."""
-    model, _ = load_model(str(tiny_model_dir("qwen2", nonpow2=True)))
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe", "mixtral"])
+def test_sixteen_bit_weights_leave_the_rotated_model_unchanged(tiny_model_dir, arch):
+    """With 16-bit weights and no activation/KV quantizers, calibration is only rotation (a MoE's
+    router rotated with the residual stream, R4 before every expert's down_proj)."""
+    model, _ = load_model(str(tiny_model_dir(arch, nonpow2=True)))
     ids = _calib(2, 21, seed=3)
     with torch.no_grad():
         ref = model(ids).logits

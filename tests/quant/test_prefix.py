@@ -37,7 +37,8 @@ def _logits_after_prefix(model, ids, prefix_ids):
         return model(full).logits[:, len(prefix_ids):]
 
 
-@pytest.mark.parametrize("arch,nonpow2", [("llama", False), ("qwen2", True), ("qwen3", False), ("mistral", False)])
+@pytest.mark.parametrize("arch,nonpow2", [("llama", False), ("qwen2", True), ("qwen3", False), ("mistral", False),
+                                          ("qwen3_moe", False)])
 def test_prefix_kv_in_the_past_equals_the_tokens_in_front(tiny_model_dir, arch, nonpow2):
     """Text at positions 0.. over the prefix's K/V (positions -P..-1) is the model run on
     prefix + text: RoPE sees the same distances."""

@@ -76,7 +76,7 @@ def test_cayley_steps_stay_orthogonal_and_descend():
     assert torch.linalg.matrix_norm(R_big - R, 2) <= 2 * math.sin(math.atan(0.5)) + 1e-9
 
 
-@pytest.mark.parametrize("arch,nonpow2", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("arch,nonpow2", [("llama", False), ("qwen2", True), ("mixtral", False)])
 def test_learned_rotation_is_orthogonal_and_keeps_the_fp_logits(tiny_model_dir, arch, nonpow2):
     model, _ = load_model(str(tiny_model_dir(arch, nonpow2)))
     ids = _ids(seed=1)
@@ -105,7 +105,8 @@ def test_zero_steps_is_the_hadamard_rotation_bit_for_bit(tiny_model_dir):
     assert all(torch.equal(hadamard[k], spin[k]) for k in hadamard)
 
 
-@pytest.mark.parametrize("arch,nonpow2", [("llama", False), ("qwen2", True), ("qwen3", False)])
+@pytest.mark.parametrize("arch,nonpow2", [("llama", False), ("qwen2", True), ("qwen3", False),
+                                          ("qwen3_moe", True), ("mixtral", False)])
 def test_objective_is_the_folded_quantized_model_loss(tiny_model_dir, arch, nonpow2):
     """The functional rotation of learning and the float64 fold of rotation.py are one function."""
     path = str(tiny_model_dir(arch, nonpow2))
