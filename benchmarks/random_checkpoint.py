@@ -1,12 +1,15 @@
-"""Write a random Llama-shaped checkpoint (sharded bf16 safetensors + config + tokenizer) for
-testing calibration at scale without downloading a model.
+"""Write a random Llama- or Qwen3-MoE-shaped checkpoint (sharded bf16 safetensors + config +
+tokenizer) for testing calibration at scale without downloading a model.
 
 One decoder layer per shard, each tensor generated, written and freed in turn, so writing an
 8B-shaped model needs about one layer of memory. Weights are N(0, 0.02²) (the Llama init), norms
 one. The tokenizer is the built-in SmolLM2's (its ids are below every shape's vocabulary), so
-`rotq quantize` can calibrate on real text.
+`rotq quantize` can calibrate on real text. ``--layers N`` keeps only the first N decoder layers
+(Qwen3-30B-A3B's 48 would take 58 GB of disk; offloaded calibration holds one layer at a time,
+so its peak memory does not depend on the depth and its time grows linearly with it).
 
     python benchmarks/random_checkpoint.py llama3-8b -o /tmp/llama3-8b-random
+    python benchmarks/random_checkpoint.py qwen3-30b-a3b --layers 2 -o /tmp/qwen3-30b-a3b-random
 """
 
 from __future__ import annotations
@@ -26,19 +29,34 @@ SHAPES = {
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
     "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # Qwen3-30B-A3B: 128 experts of intermediate 768, 8 per token; head_dim 128 with 32 heads on hidden 2048
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960),
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def layer_shapes(c: dict, i: int) -> dict[str, tuple[int, ...]]:
     d, f = c["hidden_size"], c["intermediate_size"]
-    hd = d // c["num_attention_heads"]
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
     p = f"model.layers.{i}."
-    return {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (c["num_attention_heads"] * hd, d),
-            p + "self_attn.k_proj.weight": (c["num_key_value_heads"] * hd, d),
-            p + "self_attn.v_proj.weight": (c["num_key_value_heads"] * hd, d),
-            p + "self_attn.o_proj.weight": (d, c["num_attention_heads"] * hd),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f)}
+    shapes = {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+              p + "self_attn.q_proj.weight": (c["num_attention_heads"] * hd, d),
+              p + "self_attn.k_proj.weight": (c["num_key_value_heads"] * hd, d),
+              p + "self_attn.v_proj.weight": (c["num_key_value_heads"] * hd, d),
+              p + "self_attn.o_proj.weight": (d, c["num_attention_heads"] * hd)}
+    if c.get("model_type") != "qwen3_moe":
+        return shapes | {p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                         p + "mlp.down_proj.weight": (d, f)}
+    shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+               p + "mlp.gate.weight": (c["num_experts"], d)}  # the router
+    fe = c["moe_intermediate_size"]
+    for e in range(c["num_experts"]):
+        q = f"{p}mlp.experts.{e}."
+        shapes |= {q + "gate_proj.weight": (fe, d), q + "up_proj.weight": (fe, d), q + "down_proj.weight": (d, fe)}
+    return shapes
 
 
 def tensor(name: str, shape, g: torch.Generator) -> torch.Tensor:
@@ -47,10 +65,12 @@ def tensor(name: str, shape, g: torch.Generator) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
 
 
-def write(shape: str, out: Path, seed: int) -> None:
+def write(shape: str, out: Path, seed: int, layers: int | None = None) -> None:
     from rotq.quant.models import resolve_model_dir
 
-    c = SHAPES[shape]
+    c = dict(SHAPES[shape])
+    if layers is not None:
+        c["num_hidden_layers"] = layers
     if out.exists():
         sys.exit(f"{out} already exists; choose a new path")
     tmp = out.with_name(out.name + ".tmp")
@@ -71,7 +91,8 @@ def write(shape: str, out: Path, seed: int) -> None:
     print()
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    model_type = c.pop("model_type", "llama")
+    config = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
               "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16", **c}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -87,9 +108,10 @@ def main() -> None:
     p.add_argument("shape", choices=sorted(SHAPES))
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     a = p.parse_args()
     t0 = time.perf_counter()
-    write(a.shape, a.out, a.seed)
+    write(a.shape, a.out, a.seed, a.layers)
     print(f"{time.perf_counter() - t0:.0f} s")
 
 

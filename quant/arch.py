@@ -171,8 +171,9 @@ class ExpertMLPs(nn.ModuleList):
 
 def unfold_experts(model: nn.Module) -> None:
     """Replace every MoE layer's fused experts (``gate_up_proj`` [E, 2I, d], ``down_proj``
-    [E, d, I]) by :class:`ExpertMLPs` whose weights are views of the fused tensors (no copy;
-    meta stays meta). A no-op on dense models and on layers already unfolded."""
+    [E, d, I]) by :class:`ExpertMLPs` with their own copies of the weights (views would share
+    storage, which safetensors refuses to save; the fused tensors are freed layer by layer; meta
+    stays meta). A no-op on dense models and on layers already unfolded."""
     if moe_family(model.config) is None:
         return
     for layer in decoder_layers(model):
@@ -185,9 +186,9 @@ def unfold_experts(model: nn.Module) -> None:
         experts = ExpertMLPs()
         for e in range(E):
             expert = ExpertMLP(d, inter, fused.act_fn, dtype=gate_up.dtype, device="meta")
-            expert.gate_proj.weight = nn.Parameter(gate_up.data[e, :inter], requires_grad=False)
-            expert.up_proj.weight = nn.Parameter(gate_up.data[e, inter:], requires_grad=False)
-            expert.down_proj.weight = nn.Parameter(down.data[e], requires_grad=False)
+            expert.gate_proj.weight = nn.Parameter(gate_up.data[e, :inter].clone(), requires_grad=False)
+            expert.up_proj.weight = nn.Parameter(gate_up.data[e, inter:].clone(), requires_grad=False)
+            expert.down_proj.weight = nn.Parameter(down.data[e].clone(), requires_grad=False)
             experts.append(expert)
         layer.mlp.experts = experts
 

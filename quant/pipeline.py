@@ -265,6 +265,7 @@ class _Checkpoint:
                     offload.weights.spill(f"layer-{i:05d}")
             result.report.linears = [LinearReport(**r) for r in state.report["linears"]]
             result.report.refine = [RefineReport(**r) for r in state.report.get("refine", [])]
+            result.report.experts = [ExpertTokens(**r) for r in state.report.get("experts", [])]
             self.start = state.layers_done
 
     def save(self, i: int, layer: nn.Module, inps=None, fp_inps=None) -> None:
@@ -274,7 +275,8 @@ class _Checkpoint:
         weights = {k: self.result.weights[k] for k in list(self.result.weights) if k.startswith(prefix)}
         report = {"seconds": time.perf_counter() - self.clock,
                   "linears": [asdict(r) for r in self.result.report.linears],
-                  "refine": [asdict(r) for r in self.result.report.refine]}
+                  "refine": [asdict(r) for r in self.result.report.refine],
+                  "experts": [asdict(r) for r in self.result.report.experts]}
         self.state.save_layer(i, layer, weights, report, inps, fp_inps, linears=not self.offloaded)
 
 

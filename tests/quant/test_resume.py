@@ -105,14 +105,14 @@ def _without_clock(value):
     return value
 
 
-def assert_same_output(a, b) -> None:
+def assert_same_output(a, b, linears: int = 2 * LINEARS_PER_LAYER) -> None:
     fa, fb = _files(a), _files(b)
     assert fa.keys() == fb.keys()
     for name in fa:
         if name == "calibration_report.json":
             ra, rb = (_without_clock(json.loads(f[name])) for f in (fa, fb))
             assert ra == rb
-            assert len(ra["linears"]) == 2 * LINEARS_PER_LAYER
+            assert len(ra["linears"]) == linears
         else:
             assert fa[name] == fb[name], f"{name} differs"
 
@@ -156,6 +156,20 @@ def test_sigkill_mid_layer_then_resume_is_bitwise_identical(tiny_model_dir, text
     assert solved == [n for n in solved if n.startswith("model.layers.1.")] and len(solved) == LINEARS_PER_LAYER
     assert not state.exists()
     assert_same_output(reference, out)
+
+
+def test_mixture_of_experts_killed_among_its_experts_resumes_bitwise_identical(tiny_model_dir, text_file, tmp_path):
+    """Mixtral, both layers sparse (4 attention + 8 x 3 expert linears each): killed in layer 1's
+    third expert; layer 0's experts and the routing report come back from the state."""
+    model, per_layer = tiny_model_dir("mixtral"), 4 + 8 * 3
+    extra = ["--rotation", "hadamard", "--method", "qep+gptq", "--a-clip", "0.9"]
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert main(_args(model, reference, text_file, *extra)) == 0
+    _kill_run(tmp_path, "solve", per_layer + 4 + 2 * 3, _args(model, out, text_file, *extra))
+    assert json.loads((tmp_path / "out.partial" / MANIFEST).read_text())["layers_done"] == 1
+    assert main(_args(model, out, text_file, *extra, "--resume")) == 0
+    assert_same_output(reference, out, linears=2 * per_layer)
+    assert len(json.loads((out / "calibration_report.json").read_text())["experts"]) == 2
 
 
 def test_offloaded_run_killed_mid_layer_resumes_bitwise_identical(tiny_model_dir, text_file, tmp_path,
