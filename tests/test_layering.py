@@ -5,7 +5,7 @@ quantizer, hadamard, errors, arch, prefix_kv and rotq.kernels.packing. Above the
 
 * kernels/ imports only kernels/ and primitives;
 * export/ imports only export/ and primitives;
-* serving's plugin modules (what vLLM loads: config, kv4_attention, prefix_attention, plugin, kv_cache_dtype)
+* serving's plugin modules (what vLLM loads: config, kv4_attention, prefix_attention, moe, plugin, kv_cache_dtype)
   import only each other, kernels/, export/ (its readers) and primitives, never the offline
   engine (serving/engine.py) or lm_eval_vllm;
 * no serving module imports calibration (rotq.quant beyond the primitives: pipeline,
@@ -39,7 +39,8 @@ PRIMITIVES = frozenset({"rotq.quant.scheme", "rotq.quant.quantizer", "rotq.quant
                         "rotq.quant.arch", "rotq.quant.prefix_kv", "rotq.kernels.packing"})
 PACKAGES = frozenset({"rotq", *FOLDERS})  # namespace and package __init__s (rotq.quant's loads its API lazily)
 PLUGIN = frozenset({"rotq.serving.config", "rotq.serving.kv4_attention", "rotq.serving.plugin",
-                    "rotq.serving.kv_cache_dtype", "rotq.serving.onednn_linear", "rotq.serving.prefix_attention"})
+                    "rotq.serving.kv_cache_dtype", "rotq.serving.onednn_linear", "rotq.serving.prefix_attention",
+                    "rotq.serving.moe"})
 CALLS = {"rotq.serving.plugin": "register"}  # what vLLM runs after importing the module
 
 
