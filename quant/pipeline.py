@@ -4,8 +4,9 @@ Fuse norms and fold rotations, install the online ops (activation and KV quantiz
 then for each decoder layer and each group of linears that share an input ("true sequential"):
 run the layer on the calibration inputs up to that group (staged.py: each part of the layer
 once), accumulate H from the group's (rotated, fake-quantized) input, solve each linear and
-write back its quantized weight. The quantized layer's outputs become the next layer's inputs,
-so H carries all earlier error.
+write back its quantized weight (a mixture of experts' experts one at a time, each from the
+tokens routed to it; one no token reaches is rounded without data and reported). The quantized
+layer's outputs become the next layer's inputs, so H carries all earlier error.
 Methods that fit the full-precision trajectory (GPTAQ, QEP, ResComp) also run a full-precision
 copy of each layer on the full-precision inputs in lockstep, batch by batch, and accumulate
 D from the paired inputs: nothing per linear is cached. Only the current layer (and its copy)

@@ -1,7 +1,7 @@
 """A decoder layer run over the calibration inputs in the stages of true-sequential calibration,
 each part computed once.
 
-Calibration needs the (transformed) input of each group of linears of arch.LINEAR_GROUPS
+Calibration needs the (transformed) input of each group of linears (arch.linear_groups)
 after the groups before it are quantized, then the layer's output. Running the whole layer up
 to each group and again for the output computes the attention four times and the q/k/v
 projections three times. Every Llama-family decoder layer computes
@@ -75,7 +75,7 @@ def _hidden(out):
 
 class StagedLayer:
     """``layer`` over ``inps`` [N, L, d] in batches of ``batch_size`` sequences. Call
-    :meth:`group_inputs` for the groups in LINEAR_GROUPS order, quantizing each group's
+    :meth:`group_inputs` for the groups in ``self.groups`` order, quantizing each group's
     linears before asking for the next, then :meth:`propagate` (which works without the
     stages too: then it runs the whole layer). ``allocate(shape)`` gives the buffer for the kept
     attention output (default: ``inps.new_empty``; e.g. a memory-mapped file instead). The MLP
