@@ -64,11 +64,11 @@ ROW_SETS = {
     "gptaq-w4a16": [("w4a16", "none", m) for m in ("gptq", "gptaq")],
     # ... and under the weight-only default's own rotation (hadamard), before the default changes
     "gptaq-w4a16-hadamard": [("w4a16", "hadamard", m) for m in ("gptq", "gptaq")],
-    # issue 5: the default W4A4KV4 pipeline (spinquant, clip fitted, qep+gptq) over calibration
-    # draws: the seed picks the calibration windows and the randomised Hadamards
     # issue 23: the W4A8 schemes served by the int8 main loop, beside the W4A4KV4 row of
     # levers-w4a4kv4 with the same recipe (Hadamard, fitted clip, QEP + GPTQ)
     "w4a8": [(scheme, "hadamard", "qep+gptq", ("--a-clip", "auto")) for scheme in ("w4a8kv4", "w4a8")],
+    # issue 5: the default W4A4KV4 pipeline (spinquant, clip fitted, qep+gptq) over calibration
+    # draws: the seed picks the calibration windows and the randomised Hadamards
     "seeds-default": [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--seed", str(seed)))
                       for seed in range(4)],
     # issue 24: the full-precision prefix of sink tokens, alone on Hadamard + GPTQ (fixed clip) and
@@ -77,6 +77,17 @@ ROW_SETS = {
                        for seed in range(2) for prefix in ("none", "auto")]
     + [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--prefix", prefix, "--seed", str(seed)))
        for seed in range(2) for prefix in ("auto", "none")],
+    # issue 24: the weight clip search's range (shrinks p in [1 - s, 1]) for the weight-only default
+    # (Hadamard + GPTAQ, at 4 and 3 bits), the same schemes unrotated (plain GPTQ) and the W4A4KV4
+    # default; decided on --train-ppl
+    "w-clip-range": [(scheme, "hadamard", "gptaq", ("--w-clip-max-shrink", s))
+                     for scheme in ("w4a16", "w3a16") for s in ("0.8", "0.2")]
+    + [(scheme, "none", "gptq", ("--w-clip-max-shrink", s)) for scheme in ("w4a16", "w3a16") for s in ("0.8", "0.2")]
+    + [("w4a4kv4", "spinquant", "qep+gptq", ("--a-clip", "auto", "--prefix", "auto", "--w-clip-max-shrink", s))
+       for s in ("0.8", "0.2")],
+    # issue 24: a further lever after the prefix: SpinQuant learning 3x longer than the default's 20 steps
+    "spinquant-steps": [("w4a4kv4", "spinquant", "qep+gptq",
+                         ("--a-clip", "auto", "--prefix", "auto", "--rotation-steps", "60"))],
 }
 
 

@@ -27,7 +27,7 @@ from rotq.quant.prefix import parse_prefix
 from rotq.quant.qep import QEPOptions
 from rotq.quant.refine import REFINE_KINDS, RefineOptions
 from rotq.quant.rescomp import ResCompOptions
-from rotq.quant.scheme import PRESETS, ROTATION_KINDS, KVCacheArgs, Scheme, WeightArgs, preset
+from rotq.quant.scheme import PRESETS, ROTATION_KINDS, UNROTATED_CLIP_MAX_SHRINK, KVCacheArgs, Scheme, WeightArgs, preset
 from rotq.quant.spinquant import SpinQuantOptions
 
 FORMATS = ("rotq", "compressed-tensors")
@@ -66,7 +66,8 @@ class Recipe:
                                     "the scheme's (per channel)")
     w_asym: bool | None = _opt(None, "asymmetric weights (integer zero point)", "scheme", bool, "symmetric")
     w_clip_max_shrink: float | None = _opt(None, "weight clip search tries range shrinks p in [1 - this, 1]",
-                                           "scheme", float, str(WeightArgs.clip_max_shrink))
+                                           "scheme", float, f"{WeightArgs.clip_max_shrink} with a rotation, "
+                                           f"{UNROTATED_CLIP_MAX_SHRINK} without")
     a_clip: float | str | None = _opt(None, "activation clip ratio in (0, 1], or auto: the ratio with the lowest "
                                       "loss on the calibration data (weights in full precision)", "scheme", "a_clip",
                                       "auto where activations are quantized")

@@ -41,6 +41,12 @@ class WeightArgs:
     clip_max_shrink: float = 0.8  # search p = 1 - k/100 for k < 100 * clip_max_shrink (GPTQ/QuaRot)
 
 
+# Without a rotation, a row's few large weights are the ones a deep range shrink clips: the presets
+# search p in [0.8, 1] there, and down to 0.21 on rotated weights (each choice measured better on
+# calibration text; docs/algorithms.md, "Quantizer conventions").
+UNROTATED_CLIP_MAX_SHRINK = 0.2
+
+
 @dataclass(frozen=True)
 class ActivationArgs:
     """Dynamic per-token quantization of the inputs of every quantized linear.
@@ -211,15 +217,14 @@ PRESETS: dict[str, Scheme] = {
 
 
 def preset(name: str, rotation: str = "none", seed: int = 0) -> Scheme:
-    """A named preset with the chosen rotation."""
+    """A named preset with the chosen rotation and the weight clip-search range that suits it."""
     if name not in PRESETS:
         raise SchemeError(f"unknown scheme {name!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[name]
     if rotation == "none":
-        rot = RotationArgs()
-    elif rotation in ("hadamard", "spinquant"):
+        return base.replace(weights=dataclasses.replace(base.weights, clip_max_shrink=UNROTATED_CLIP_MAX_SHRINK))
+    if rotation in ("hadamard", "spinquant"):
         # R3 only serves the KV quantizer: without KV4 it would be an online op for nothing
         make = RotationArgs.hadamard if rotation == "hadamard" else RotationArgs.spinquant
-        rot = make(seed, online_qk=PRESETS[name].kv_cache is not None)
-    else:
-        raise SchemeError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATION_KINDS)}")
-    return PRESETS[name].replace(rotation=rot)
+        return base.replace(rotation=make(seed, online_qk=base.kv_cache is not None))
+    raise SchemeError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATION_KINDS)}")

@@ -17,6 +17,10 @@ def test_scheme_dependent_defaults_resolve_by_activations():
     assert (w4.rotation, w4.method, w4.a_clip) == (DEFAULT_ROTATION[False], DEFAULT_METHOD[False], None)
     assert Recipe(method="qep").resolved().method == "qep+gptq"  # canonical spelling, parsed once
     assert Recipe().percdamp == GPTQOptions.percdamp and Recipe().block_size == GPTQOptions.block_size
+    unrotated = Recipe(scheme="w4a16", rotation="none")
+    assert unrotated.resolved().build_scheme().weights.clip_max_shrink == 0.2
+    assert dataclasses.replace(unrotated, w_clip_max_shrink=0.8).resolved().build_scheme().weights.clip_max_shrink == 0.8
+    assert w4.build_scheme().weights.clip_max_shrink == 0.8
 
 
 def test_values_are_coerced_and_checked_by_type():

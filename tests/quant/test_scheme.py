@@ -1,6 +1,6 @@
 import pytest
 
-from rotq.quant.scheme import FORMAT_VERSION, PRESETS, Scheme, SchemeError, preset
+from rotq.quant.scheme import FORMAT_VERSION, PRESETS, UNROTATED_CLIP_MAX_SHRINK, Scheme, SchemeError, WeightArgs, preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -19,6 +19,14 @@ def test_w4a4kv4_defaults_follow_design():
     assert s.rotation.r1 and s.rotation.r2 and s.rotation.r3 and s.rotation.r4
     assert s.ignore == ("lm_head",)
     assert not preset("w4a16", "hadamard").rotation.r3  # R3 only serves a KV quantizer
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_weight_clip_range_follows_the_rotation(name):
+    assert preset(name, "none").weights.clip_max_shrink == UNROTATED_CLIP_MAX_SHRINK == 0.2
+    for rotation in ("hadamard", "spinquant"):
+        assert preset(name, rotation).weights.clip_max_shrink == WeightArgs.clip_max_shrink == 0.8
+    assert preset(name, "none").weights.bits == PRESETS[name].weights.bits  # only the range changes
 
 
 def test_unknown_keys_are_named():
