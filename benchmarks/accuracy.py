@@ -18,6 +18,7 @@ import multiprocessing
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -100,10 +101,24 @@ def _quantize(model: str, out: str, flags: tuple[str, ...], report: str) -> None
     quantize(model, out, recipe_from_args(args), report=report)
 
 
+_CALIBRATIONS: set = set()  # calibration processes now running (one per row in flight)
+
+
 def _quantize_in_own_process(*args) -> None:
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        pool.submit(_quantize, *args).result()
+    proc = multiprocessing.get_context("spawn").Process(target=_quantize, args=args)
+    proc.start()
+    _CALIBRATIONS.add(proc)
+    proc.join()
+    _CALIBRATIONS.discard(proc)
+    if proc.exitcode != 0:
+        raise RuntimeError(f"calibration failed (exit code {proc.exitcode}; its traceback is above)")
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM stops the calibrations too: left running, orphaned, they would slow every later job."""
+    for proc in list(_CALIBRATIONS):
+        proc.terminate()
+    sys.exit(128 + signum)
 
 
 def _ppl(model: str, data: str, windows: int, seqlen: int, tmp: Path, device: str) -> float:
@@ -241,6 +256,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", choices=sorted(ROW_SETS), default="foundation")
