@@ -108,6 +108,14 @@ def linear_rows(a, peaks):
         rows.append(row)
         print(_line(row), flush=True)
 
+    def attempt(label, fns):
+        """bench(fns), or None after printing why a kernel failed (the other rows still run)."""
+        try:
+            return bench(fns)
+        except Exception as e:  # noqa: BLE001 - a failing kernel is reported, not fatal
+            print(f"  {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            return None
+
     for model, shapes in LINEARS.items():
         if model not in a.models or (a.smoke and model != "smollm2-135m"):
             continue
@@ -132,14 +140,17 @@ def linear_rows(a, peaks):
                 for bits in (4, 8):
                     aq, asc = act_quant(x, ACT_CLIP, bits)
                     label = f"int8_act_gemm W4A{bits}" + (f" split-K {split}" if split > 1 else "")
-                    timed.append((label, bench([lambda w=w: int8_act_gemm(aq, asc, w, ws, out_dtype=x.dtype)
-                                                for w in codes]), "int8"))
+                    timed.append((label, attempt(label, [lambda w=w: int8_act_gemm(aq, asc, w, ws, out_dtype=x.dtype)
+                                                         for w in codes]), "int8"))
                     timed.append((f"act_quant+{label}",
-                                  bench([lambda w=w, b=bits: int8_act_gemm(*act_quant(x, ACT_CLIP, b), w, ws,
-                                                                           out_dtype=x.dtype) for w in codes]),
+                                  attempt(label, [lambda w=w, b=bits: int8_act_gemm(*act_quant(x, ACT_CLIP, b), w, ws,
+                                                                                    out_dtype=x.dtype) for w in codes]),
                                   "int8"))
-                timed.append(("w4a16_gemm", bench([lambda w=w: w4a16_gemm(x, w, ws) for w in codes]), "w4a16"))
+                timed.append(("w4a16_gemm", attempt("w4a16_gemm", [lambda w=w: w4a16_gemm(x, w, ws) for w in codes]),
+                              "w4a16"))
                 for kernel, t, kind in timed:
+                    if t is None:
+                        continue
                     peak, bytes_ = floors[kind]
                     add({"model": model, "layer": name, "M": M, "N": N, "K": K, "kernel": kernel, "ms": t,
                          "tflops": flops / t / 1e9, "floor_ms": max(flops / peak / 1e12, bytes_ / bw / 1e12) * 1e3,
@@ -150,7 +161,9 @@ def linear_rows(a, peaks):
                 for M in ([7] if a.smoke else [16, 2048, 8192]):
                     x = torch.randn(M, K, device=dev, dtype=torch.float32 if a.smoke else torch.bfloat16)
                     t_copy = bench([lambda: x.clone()])
-                    t_hq = bench([lambda: hadamard_act_quant(x, ACT_CLIP)])
+                    t_hq = attempt("hadamard_act_quant", [lambda: hadamard_act_quant(x, ACT_CLIP)])
+                    if t_hq is None:
+                        continue
                     bytes_ = 2 * M * K + M * K + 4 * M  # bf16 in, int8 codes and float32 scales out
                     add({"model": model, "layer": f"{name} input", "M": M, "N": 0, "K": K,
                          "kernel": "hadamard_act_quant", "ms": t_hq, "gbps": bytes_ / t_hq / 1e6,

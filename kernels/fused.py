@@ -280,7 +280,7 @@ def silu_mul_hadamard_act_quant(gate_up: torch.Tensor, clip_ratio: float, bits: 
         _silu_mul_hadamard_quant_kernel[(M,)](rows, q, s, at if at is not None else rows, k, rows.stride(0),
                                               q.stride(0), 1.0 / math.sqrt(n), float(clip_ratio), KP=kp, P=p,
                                               LOG_P=p.bit_length() - 1, HAS_A=at is not None, QMAX=qmax,
-                                              num_warps=num_warps(kp * p))
+                                              num_warps=num_warps(kp * p), **EXACT_FLOAT)
     return q, s
 
 

@@ -6,8 +6,8 @@
 * ``repack_weights_for_int8_loop``: the checkpoint's int32-packed int4 weights [N, K/8],
   rearranged once at load time into int8 [N, K/2] in K tiles of ``block_k`` (:func:`int8_loop_block_k`):
   byte j of a tile holds k = j in its low nibble and k = j + block_k/2 in its high one, both two's
-  complement, so two arithmetic shifts of an int8 (``(b << 4) >> 4`` and ``b >> 4``) give the two
-  halves of the tile's codes.
+  complement. Unpacking sign-extends both nibbles of four bytes per 32-bit instruction on GPUs
+  (inline PTX, ``_signed_nibbles``), by arithmetic shifts of int8s under the interpreter.
 * ``int8_act_gemm``: int8 activation codes × repacked weights: per K tile, the two halves
   unpacked and joined back into k order in registers (byte permutes, no shared memory), one int8
   ``tl.dot`` with int32 sums, then per-token × per-channel scales (grouped weights: each tile's
@@ -27,6 +27,7 @@ them only on CUDA.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -158,8 +159,15 @@ class GemmPlan(NamedTuple):
     num_stages: int
 
 
-# (largest M, BLOCK_M, BLOCK_N, warps, stages): decode first (weight-bandwidth bound), then prefill
-_TILES = ((16, 16, 64, 4, 4), (32, 32, 128, 4, 4), (64, 64, 128, 4, 3), (None, 128, 128, 8, 3))
+# (largest M, BLOCK_M, BLOCK_N, warps, stages): decode first (weight-bandwidth bound), then prefill.
+# With the 32-bit nibble unpacking, prefill tiles of 128 tokens beat 256 (1.07-2.0x on three of
+# Llama-3-8B's four shapes at M = 2048 and 8192, equal on gate_up; H200, benchmarks/tune.py).
+_TILES = ((16, 16, 64, 4, 3), (32, 32, 128, 4, 4), (64, 64, 128, 4, 3), (None, 128, 128, 8, 3))
+
+
+def _ptx() -> bool:
+    """Whether kernels compile to PTX (inline assembly allowed): not under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @functools.cache
@@ -169,14 +177,17 @@ def _num_sms(device: str) -> int:
 
 
 def gemm_plan(M: int, N: int, K: int, group: int, device, split_k: bool = True) -> GemmPlan:
-    """Tiles by M; when the output tiles are fewer than two per SM, K is split so that there are
-    about that many programs, each keeping at least 4 K tiles."""
+    """Tiles by M, and K split when the output tiles are too few to keep the weight loads in
+    flight: at decode (M ≤ 16) up to 4 programs per SM of at least 2 K tiles each (on Llama-3-8B
+    shapes, H200: 1.06x 8 per SM over a layer's four GEMMs, 1.0-1.2x 2 per SM of 4 tiles), else up
+    to 2 per SM of 4 tiles."""
     bm, bn, warps, stages = next((bm, bn, w, s) for top, bm, bn, w, s in _TILES if top is None or M <= top)
     bk = int8_loop_block_k(K, group)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
     if split_k:
-        split = max(1, min(triton.cdiv(2 * _num_sms(str(torch.device(device))), tiles), K // bk // 4))
+        per_sm, min_tiles = (4, 2) if M <= 16 else (2, 4)
+        split = max(1, min(triton.cdiv(per_sm * _num_sms(str(torch.device(device))), tiles), K // bk // min_tiles))
     return GemmPlan(bm, bn, bk, split, warps, stages)
 
 
@@ -190,20 +201,44 @@ def w4a16_gemm_reference(x, w, w_scale) -> torch.Tensor:
     return x.double().reshape(-1, x.shape[-1]) @ _dequantized_weights(w, w_scale).T
 
 
+# Sign extension of both nibbles of four bytes in one 32-bit register: per byte, a two's-complement
+# nibble n is (n ^ 8) − 8 = ((n ^ 0x88) − 0x08) ^ 0x80, and n ^ 0x88 ≥ 0x80 so no borrow crosses a byte.
+_LOW_NIBBLES = tl.constexpr("{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x88888888; "
+                            "sub.u32 t, t, 0x08080808; xor.b32 $0, t, 0x80808080; }")
+_HIGH_NIBBLES = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x88888888; "
+                             "sub.u32 t, t, 0x08080808; xor.b32 $0, t, 0x80808080; }")
+
+
 @triton.jit
-def _weight_tile(w_ptr, offs_n, t, N, stride_w, BLOCK_K: tl.constexpr):
+def _signed_nibbles(b, ASM: tl.constexpr):
+    """(low, high) two's-complement nibbles of the int8 bytes b, each sign-extended to int8. On a
+    GPU (``ASM``) four bytes per instruction (above); Triton lowers int8 shifts byte by byte
+    through 16-bit registers, about five times the instructions. The interpreter runs no PTX:
+    arithmetic shifts there, the same values."""
+    if ASM:
+        lo = tl.inline_asm_elementwise(_LOW_NIBBLES, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(_HIGH_NIBBLES, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = (b << 4) >> 4
+        hi = b >> 4
+    return lo, hi
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_n, t, N, stride_w, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """K tile t of the repacked weights as int8 codes [BLOCK_N, BLOCK_K] in k order: the low
-    nibbles (k < BLOCK_K/2) then the high ones, sign-extended by arithmetic shifts."""
+    nibbles (k < BLOCK_K/2) then the high ones."""
     cols = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     b = tl.load(w_ptr + offs_n[:, None] * stride_w + cols[None, :], mask=offs_n[:, None] < N, other=0)
-    halves = tl.join((b << 4) >> 4, b >> 4)  # [BLOCK_N, BLOCK_K/2, 2]
+    lo, hi = _signed_nibbles(b, ASM)
+    halves = tl.join(lo, hi)  # [BLOCK_N, BLOCK_K/2, 2]
     return tl.reshape(tl.permute(halves, (0, 2, 1)), (offs_n.shape[0], BLOCK_K))
 
 
 @triton.jit
 def _int8_act_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_a, stride_w, stride_ws, stride_c, split,
                      GROUP: tl.constexpr, GROUPED: tl.constexpr, ATOMIC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -214,14 +249,15 @@ def _int8_act_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_a, str
     acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     tiles = K // BLOCK_K
     for t in range(pid_k * tiles // split, (pid_k + 1) * tiles // split):
-        w = _weight_tile(w_ptr, offs_n, t, N, stride_w, BLOCK_K)
+        w = _weight_tile(w_ptr, offs_n, t, N, stride_w, BLOCK_K, ASM)
         a = tl.load(a_rows + (t * BLOCK_K + offs_k)[None, :], mask=m_ok, other=0)
         if GROUPED:
             part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
-            gs = tl.load(ws_ptr + offs_n * stride_ws + t * BLOCK_K // GROUP, mask=offs_n < N, other=0.0)
-            acc_f += part.to(tl.float32) * gs[:, None]
         else:
             acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+        if GROUPED:
+            gs = tl.load(ws_ptr + offs_n * stride_ws + t * BLOCK_K // GROUP, mask=offs_n < N, other=0.0)
+            acc_f += part.to(tl.float32) * gs[:, None]
     s_tok = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     if GROUPED:
         out = acc_f * s_tok[None, :]
@@ -247,17 +283,20 @@ def _check_weights(w: torch.Tensor, w_scale: torch.Tensor, K: int, name: str) ->
 
 
 def int8_act_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                  out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                  out_dtype: torch.dtype = torch.float16, plan: GemmPlan | None = None) -> torch.Tensor:
     """[M, N] = (a_codes · a_scale) @ dequant(w)ᵀ from :func:`act_quant`'s int8 codes [M, K] (4 or
     8 bits: one kernel) and weights repacked by :func:`repack_weights_for_int8_loop`, scales
-    [N, 1] (per channel) or [N, K/G]."""
+    [N, 1] (per channel) or [N, K/G]. ``plan`` overrides :func:`gemm_plan` (benchmarks/tune.py
+    times candidates; its BLOCK_K must be the layout's)."""
     M, K = a_codes.shape
     N = w.shape[0]
     G = _check_weights(w, w_scale, K, "int8_act_gemm")
     if a_codes.dtype != torch.int8 or a_codes.stride(1) != 1:
         raise ValueError(f"int8_act_gemm takes int8 activation codes with unit column stride, got {a_codes.dtype} "
                          f"with strides {a_codes.stride()}")
-    plan = gemm_plan(M, N, K, G, a_codes.device)
+    plan = plan or gemm_plan(M, N, K, G, a_codes.device)
+    if plan.BLOCK_K != int8_loop_block_k(K, G):
+        raise ValueError(f"int8_act_gemm: BLOCK_K {plan.BLOCK_K} is not the weight layout's {int8_loop_block_k(K, G)}")
     ws = w_scale.float().contiguous()
     if plan.split > 1:
         c = torch.zeros(M, N, dtype=torch.float32, device=a_codes.device)
@@ -267,7 +306,7 @@ def int8_act_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
         grid = (triton.cdiv(N, plan.BLOCK_N), triton.cdiv(M, plan.BLOCK_M), plan.split)
         _int8_act_kernel[grid](a_codes, a_scale, w, ws, c, M, N, K, a_codes.stride(0), w.stride(0), ws.stride(0),
                                c.stride(0), plan.split, GROUP=G, GROUPED=ws.shape[1] > 1, ATOMIC=plan.split > 1,
-                               BLOCK_M=plan.BLOCK_M, BLOCK_N=plan.BLOCK_N, BLOCK_K=plan.BLOCK_K,
+                               BLOCK_M=plan.BLOCK_M, BLOCK_N=plan.BLOCK_N, BLOCK_K=plan.BLOCK_K, ASM=_ptx(),
                                num_warps=plan.num_warps, num_stages=plan.num_stages)
     return c.to(out_dtype)
 
@@ -275,7 +314,7 @@ def int8_act_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_x, stride_w, stride_ws, stride_c,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, ASM: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,7 +324,7 @@ def _w4a16_kernel(x_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, stride_x, stride_w, stri
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for t in range(0, K // BLOCK_K):
         x = tl.load(x_rows + (t * BLOCK_K + offs_k)[None, :], mask=m_ok, other=0.0)
-        w = _weight_tile(w_ptr, offs_n, t, N, stride_w, BLOCK_K).to(tl.float32)
+        w = _weight_tile(w_ptr, offs_n, t, N, stride_w, BLOCK_K, ASM).to(tl.float32)
         s = tl.load(ws_ptr + offs_n * stride_ws + t * BLOCK_K // GROUP, mask=offs_n < N, other=0.0)
         acc = tl.dot((w * s[:, None]).to(x.dtype), tl.trans(x), acc, input_precision=PRECISION)
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -308,6 +347,6 @@ def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch
         grid = (triton.cdiv(N, plan.BLOCK_N), triton.cdiv(M, plan.BLOCK_M))
         _w4a16_kernel[grid](x2, w, ws, c, M, N, K, x2.stride(0), w.stride(0), ws.stride(0), c.stride(0), GROUP=G,
                             BLOCK_M=plan.BLOCK_M, BLOCK_N=plan.BLOCK_N, BLOCK_K=plan.BLOCK_K,
-                            PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+                            PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", ASM=_ptx(),
                             num_warps=plan.num_warps, num_stages=plan.num_stages)
     return c.reshape(*x.shape[:-1], N)

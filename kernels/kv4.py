@@ -49,6 +49,7 @@ metadata; nothing here reads a device tensor on the host, so decode can be graph
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -441,8 +442,24 @@ def _kv4_combine_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H_Q: tl.c
     tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-_BLOCK_N = 64  # cached tokens per decode tile
-_MIN_SPLIT_TOKENS = 2 * _BLOCK_N
+class DecodeTiles(NamedTuple):
+    """Launch shape of :func:`kv4_decode`: cached tokens per tile, warps and pipeline stages."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+_MIN_SPLIT_TOKENS = 128
+
+
+def decode_tiles(max_context: int, splits: int) -> DecodeTiles:
+    """Tiles of 128 tokens and 4 warps where each split holds at most 512 tokens (batch 1 at 8k
+    context: 1.28x tiles of 64), else 64 tokens and 2 warps (batch 64: 1.53x 4 warps, batch 16
+    equal); 2 stages. Measured on an H200 with Llama-3-8B heads (benchmarks/tune.py)."""
+    if -(-max_context // splits) <= 512:
+        return DecodeTiles(128, 4, 2)
+    return DecodeTiles(64, 2, 2)
 
 
 def num_splits(rows: int, kv_heads: int, max_context: int, multiprocessors: int) -> int:
@@ -460,14 +477,16 @@ def _multiprocessors(device: torch.device) -> int:
 
 def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                softmax_scale: float, out: torch.Tensor | None = None, splits: int | None = None,
-               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+               tiles: DecodeTiles | None = None) -> torch.Tensor:
     """Attention of each query row q[b] [H_q, D] over the first ``seq_lens[b]`` cached tokens of
     ``block_tables[b]`` (decode: the row's own K/V stored first), and over the full-precision
     ``prefix`` K and V [H_kv, P, D] (float32 or q's dtype) in front of them when given; writes
     into ``out`` [B, H_q, D] when given. ``splits`` divides each row's context among that many
     programs, merged by a second kernel; by default it is chosen from the GPU's size and the
     block table's width (shapes only: no host sync, so the call can be graph-captured). A row
-    with seq_len 0 (padding) gets NaN, or the prefix's attention."""
+    with seq_len 0 (padding) gets NaN, or the prefix's attention. ``tiles`` overrides the launch
+    shape (benchmarks/tune.py times candidates)."""
     B, Hq, D = q.shape
     _check_cache(cache, D)
     Hkv = cache.shape[1]
@@ -486,6 +505,7 @@ def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     if splits is None:
         splits = 1 if q.device.type != "cuda" else num_splits(
             B, Hkv, block_tables.shape[1] * block_size, _multiprocessors(q.device))
+    tiles = tiles or decode_tiles(block_tables.shape[1] * block_size, splits)
     if splits > 1:
         part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
@@ -498,8 +518,8 @@ def kv4_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         q, cache, float32_view(cache), bt, seq_lens.to(torch.int32), pk, pv, out, part, ml,
         q.stride(0), q.stride(1), bt.stride(0), out.stride(0), out.stride(1), cache.stride(0),
         float(softmax_scale), H_KV=Hkv, BLOCK_SIZE=block_size, GROUP=group,
-        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=_BLOCK_N, SPLITS=splits, P=P,
-        BLOCK_P=_prefix_block(P))
+        GROUP_P=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=tiles.block_n, SPLITS=splits, P=P,
+        BLOCK_P=_prefix_block(P), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if splits > 1:
         _kv4_combine_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), H_Q=Hq, SPLITS=splits,
                                      SPLITS_P=triton.next_power_of_2(splits), D=D)
@@ -588,13 +608,14 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     if prefix is not None:
         k, v = (torch.cat([p.to(x), x], 1) for p, x in zip(prefix, (k, v)))
     n, L = q.shape[1], k.shape[1]
+    q, k, v = q[None], k[None], v[None]  # FlashAttention takes 4-D inputs only (3-D ones ran the math kernel)
     if n == L:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)[0]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         mask = causal_lower_right(n, L)
     else:
         mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[0]
 
 
 def causal_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, query_starts: list[int],

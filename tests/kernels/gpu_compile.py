@@ -79,13 +79,13 @@ def cases():
                        int4_gemm._int8_act_kernel,
                        {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "c_ptr": out,
                         "split": "i32", **GEMM_INTS},
-                       {**tiles, "GROUP": group, "GROUPED": grouped, "ATOMIC": atomic}, opts)
+                       {**tiles, "GROUP": group, "GROUPED": grouped, "ATOMIC": atomic, "ASM": True}, opts)
             if group == 64:
                 continue
             for x in ("*bf16", "*fp16", "*fp32"):
                 yield (f"w4a16_gemm M {M} {tiles} group {group} {x}", int4_gemm._w4a16_kernel,
                        {"x_ptr": x, "w_ptr": "*i8", "ws_ptr": "*fp32", "c_ptr": x, **GEMM_INTS},
-                       {**tiles, "GROUP": group, "PRECISION": "ieee" if x == "*fp32" else "tf32"}, opts)
+                       {**tiles, "GROUP": group, "PRECISION": "ieee" if x == "*fp32" else "tf32", "ASM": True}, opts)
     for n in (64, 128, 576, 1536, 14336):
         k, p, kp, at = hk.plan(n, "cpu")
         consts = {"KP": kp, "P": p, "LOG_P": p.bit_length() - 1, "HAS_A": at is not None}
@@ -107,13 +107,15 @@ def cases():
         # prefix tiles of 16 and 64)
         for h_kv, group, splits, prefix, p in ((8, 4, 1, "*bf16", 0), (8, 4, 33, "*bf16", 0), (4, 7, 8, "*bf16", 0),
                                                (32, 1, 1, "*bf16", 0), (8, 4, 1, "*bf16", 5), (8, 4, 33, "*fp32", 33)):
-            yield (f"kv4_decode D {d} group {group} splits {splits}" + (f" prefix {p} {prefix}" if p else ""),
+            tiles = kv4.decode_tiles(8192, splits)  # both production shapes: 128-token tiles at 33 splits
+            yield (f"kv4_decode D {d} group {group} splits {splits} {tiles}" + (f" prefix {p} {prefix}" if p else ""),
                    kv4._kv4_decode_kernel,
                    {"q_ptr": "*bf16", "cache_ptr": "*u8", "scale_ptr": "*fp32", "bt_ptr": "*i32", "len_ptr": "*i32",
                     "pk_ptr": prefix, "pv_ptr": prefix, "o_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32",
                     "softmax_scale": "fp32", **KV_INTS},
                    {"H_KV": h_kv, "BLOCK_SIZE": 16, "GROUP": group, "GROUP_P": 16, "D": d,
-                    "BLOCK_N": kv4._BLOCK_N, "SPLITS": splits, "P": p, "BLOCK_P": kv4._prefix_block(p)}, {})
+                    "BLOCK_N": tiles.block_n, "SPLITS": splits, "P": p, "BLOCK_P": kv4._prefix_block(p)},
+                   {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
         yield (f"kv4 combine D {d}", kv4._kv4_combine_kernel,
                {"part_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16", "stride_ot": "i32", "stride_oh": "i32"},
                {"H_Q": 32, "SPLITS": 33, "SPLITS_P": 64, "D": d}, {})

@@ -6,6 +6,7 @@ imported: see conftest)."""
 import pytest
 import torch
 
+from rotq.kernels import int4_gemm
 from rotq.kernels.int4_gemm import (
     act_quant,
     act_quant_reference,
@@ -68,6 +69,33 @@ def test_repack_round_trips(N, K, groups):
     byte = int(w[0, 0]) & 0xFF
     lo, hi = byte & 0xF, byte >> 4
     assert (lo - 16 if lo >= 8 else lo, hi - 16 if hi >= 8 else hi) == (int(codes[0, 0]), int(codes[0, bk // 2]))
+
+
+def _run_ptx(asm: str, word: int) -> int:
+    """The 32-bit PTX of the GPU path's nibble unpacking, executed instruction by instruction."""
+    ops = {"and.b32": lambda a, b: a & b, "xor.b32": lambda a, b: a ^ b, "sub.u32": lambda a, b: a - b,
+           "shr.u32": lambda a, b: a >> b}
+    regs = {"$1": word}
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        dst, a, b = (x.strip() for x in args.split(","))
+        regs[dst] = ops[op](regs[a], regs[b] if b in regs else int(b, 0)) & 0xFFFFFFFF
+    return regs["$0"]
+
+
+def test_gpu_nibble_unpacking_equals_arithmetic_shifts():
+    """Every byte value in every lane of a 32-bit word: the inline PTX that GPUs run gives the
+    sign-extended nibbles that the interpreter's shifts give."""
+    b = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.int8)
+    lo, hi = ((b << 4) >> 4), b >> 4
+    for lane in range(4):
+        for asm, want in ((int4_gemm._LOW_NIBBLES.value, lo), (int4_gemm._HIGH_NIBBLES.value, hi)):
+            words = [(int(v) & 0xFF) << (8 * lane) | (0x5A << (8 * ((lane + 1) % 4))) for v in b]
+            got = torch.tensor([(_run_ptx(asm, w) >> (8 * lane)) & 0xFF for w in words]).to(torch.uint8)
+            assert torch.equal(got.view(torch.int8), want)
 
 
 def test_layout_refuses_k_without_a_tile():

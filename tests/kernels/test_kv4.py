@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from rotq.kernels.kv4 import (
+    DecodeTiles,
     causal_attention,
+    decode_tiles,
     dequantize_kv,
     gather_sequence,
     kv4_attention_reference,
@@ -115,6 +117,27 @@ def test_decode_matches_float64(lens, Hq, Hkv, D, block_size, last, splits, max_
     out = kv4_decode(q.to(DEVICE), cache, row_tables.to(DEVICE), row_lens.to(DEVICE), scale, splits=splits)
     ref = kv4_attention_reference(q, cache.cpu(), row_tables, row_lens, scale)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [DecodeTiles(64, 2, 2), DecodeTiles(128, 4, 2), DecodeTiles(32, 4, 3)])
+def test_decode_tile_shapes_match_float64(tiles):
+    """Every launch shape that decode_tiles picks (and a smaller one) computes the same attention:
+    several tiles per split, a split boundary inside a tile of 128, a partial last tile."""
+    lens, Hq, Hkv, D = [301, 130], 8, 2, 64
+    g = torch.Generator().manual_seed(tiles.block_n)
+    cache, tables = _filled_cache(lens, Hkv, D, 16, 20, g)
+    row_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), Hq, D, generator=g)
+    for splits in (1, 3):
+        out = kv4_decode(q.to(DEVICE), cache, tables.to(DEVICE), row_lens.to(DEVICE), D ** -0.5, splits=splits,
+                         tiles=tiles)
+        ref = kv4_attention_reference(q, cache.cpu(), tables, row_lens, D ** -0.5)
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_tiles_follow_the_context_per_split():
+    assert decode_tiles(8192, 33) == DecodeTiles(128, 4, 2)  # batch 1 on an H200: 249 tokens per split
+    assert decode_tiles(8192, 3) == decode_tiles(8192, 1) == DecodeTiles(64, 2, 2)
 
 
 def _prefix(Hkv, P, D, g, dtype=torch.float32):
