@@ -54,7 +54,7 @@ def _line(r: dict) -> str:
             f"{rate} | {r['floor_ms']:.4f} | {r['speedup_vs_bf16']:.2f} |")
 
 
-def _timer(smoke: bool):
+def _timer(smoke: bool, rep_ms: int = 100):
     """ms per call of a list of calls: all of them captured in one CUDA graph (no launch overhead,
     as vLLM's decode runs), the graph replayed by ``do_bench`` (which flushes L2 between
     replays), the median divided by the number of calls. The calls rotate over weight copies
@@ -79,7 +79,7 @@ def _timer(smoke: bool):
         with torch.cuda.graph(graph):
             for fn in fns:
                 fn()
-        return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / len(fns)
+        return triton.testing.do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median") / len(fns)
     return bench
 
 
