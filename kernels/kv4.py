@@ -443,11 +443,12 @@ def _kv4_combine_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H_Q: tl.c
 
 
 class DecodeTiles(NamedTuple):
-    """Launch shape of :func:`kv4_decode`: cached tokens per tile, warps and pipeline stages."""
+    """Launch shape of :func:`kv4_decode`: cached tokens per tile, warps and pipeline stages
+    (:func:`decode_tiles` chooses it)."""
 
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
 _MIN_SPLIT_TOKENS = 128
